@@ -1,0 +1,63 @@
+"""Typed PEFT configurations with named presets, in the manner of AdapterHub's configs."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ringjax.errors import RingjaxError
+
+KINDS = ("full", "adapter", "lora", "parallel", "top-t")
+
+
+@dataclass(frozen=True)
+class PeftConfig:
+    """Which parameters train and how the trainable modules look.
+
+    `kind` picks the family; the other fields only matter for theirs. Hashable, so jitted steps
+    can close over it.
+    """
+
+    kind: str = "adapter"
+    # bottleneck adapters
+    adapter_sites: tuple[str, ...] = ("attn", "ffn")
+    reduction_factor: int = 16
+    non_linearity: str = "swish"
+    init_std: float = 1e-2
+    # LoRA
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ()  # empty: the architecture's default (query, value for attention)
+    # top-t layer fine-tuning
+    top_t: int = 2
+    # parallel adapters (PAC's side network)
+    side_reduction: int = 8
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise RingjaxError(f"unknown PEFT kind {self.kind!r}; choose one of {KINDS}")
+
+    @property
+    def lora_scaling(self) -> float:
+        return self.lora_alpha / self.lora_rank if self.kind == "lora" else 1.0
+
+    def replace(self, **changes) -> PeftConfig:
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, PeftConfig] = {
+    "full": PeftConfig(kind="full"),
+    # Houlsby et al. 2019: adapters after attention and after the FFN (AdapterHub DoubleSeqBn).
+    "houlsby": PeftConfig(kind="adapter", adapter_sites=("attn", "ffn"), non_linearity="swish"),
+    # Pfeiffer et al. 2021: one adapter after the FFN (AdapterHub SeqBn).
+    "pfeiffer": PeftConfig(kind="adapter", adapter_sites=("ffn",), non_linearity="relu"),
+    "lora": PeftConfig(kind="lora"),
+    "parallel": PeftConfig(kind="parallel"),
+    "top-t": PeftConfig(kind="top-t"),
+}
+
+
+def preset(name: str, **overrides) -> PeftConfig:
+    if name not in PRESETS:
+        raise RingjaxError(f"unknown PEFT method {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

@@ -1,0 +1,45 @@
+"""The PEFT computations themselves: pure functions the model blocks call at fixed sites.
+
+Blocks call `linear` for every projection (so LoRA can attach to any of them by name) and
+`bottleneck` after attention and after the feed-forward network (Houlsby / Pfeiffer sites).
+A block without PEFT parameters at a site runs the plain computation.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "swish": jax.nn.silu,
+    "silu": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def activation(name: str):
+    return ACTIVATIONS[name]
+
+
+def linear(x, p, peft=None, name: str = "", lora_scaling: float = 1.0):
+    """x @ kernel + bias, plus a LoRA update when `peft["lora"]` has one for `name`."""
+    y = x @ p["kernel"]
+    if "bias" in p:
+        y = y + p["bias"]
+    lora = (peft or {}).get("lora", {}).get(name)
+    if lora is not None:
+        y = y + ((x @ lora["a"]) @ lora["b"]) * lora_scaling
+    return y
+
+
+def bottleneck(x, peft=None, site: str = "", non_linearity: str = "relu"):
+    """Bottleneck adapter with its own residual: x + up(act(down(x))); identity when absent."""
+    p = (peft or {}).get("adapter", {}).get(site)
+    if p is None:
+        return x
+    z = activation(non_linearity)(x @ p["down"]["kernel"] + p["down"]["bias"])
+    return x + z @ p["up"]["kernel"] + p["up"]["bias"]
