@@ -62,7 +62,8 @@ class BatchStream:
         buckets = tuple(buckets) if buckets is not None else default_buckets(encoded.max_length)
         if not buckets or any(b < 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
             raise RingjaxError(
-                f"buckets {buckets} must be positive, strictly increasing lengths, e.g. (16, 32, 64)"
+                f"buckets {buckets} must be positive, strictly increasing lengths, "
+                "e.g. (16, 32, 64)"
             )
         if drop_last and len(encoded) < batch_size:
             raise RingjaxError(
@@ -157,7 +158,10 @@ def eval_batches(
     buckets: tuple[int, ...] | None = None,
     pad_to: int | None = None,
 ) -> Iterator[Batch]:
-    """Every example exactly once, unshuffled; weight metrics by `example_mask`."""
+    """Every example exactly once, unshuffled; weight metrics by `example_mask`.
+
+    Rows come grouped by bucket (file order within a bucket); `index` maps them back.
+    """
     stream = BatchStream(
         encoded, batch_size, buckets=buckets, shuffle=False, drop_last=False, pad_to=pad_to
     )

@@ -1,9 +1,27 @@
 """Parallel adapters (PAC): a narrow side network beside the frozen backbone.
 
-It reads the backbone's hidden states (taps: the embedding output and every block's output)
-and adds its result to the backbone's final hidden state before the head. The taps are
-constants to it, so no gradient ever enters the backbone, and cached taps can replace the
-backbone entirely after the first epoch.
+The side network reads the backbone's hidden states (taps: index 0 is the embedding output,
+index l the output of block l) and adds its result to the backbone's final hidden state
+before the head. The taps are constants to it, so no gradient ever enters the backbone, and
+cached taps can replace the backbone entirely after the first epoch (`ringjax.methods.pac`).
+
+Structure (width w = hidden // spec.side_reduction, in the manner of ladder side-tuning):
+
+    s = taps[t0] @ W_in + b_in                                  (B, T, w)
+    for each tapped block l (stacked, run under lax.scan):
+        s = s + act(taps[l] @ W_tap + b_tap + s @ W_mix)         fuse the backbone's state
+        s = s + Attn(LN(s))          (optional, masked)          mix across tokens, width w
+    h = h_final + s @ W_out + b_out                              W_out = 0 at init: identity
+
+Token mixing matters for CLS-pooled heads: without it the head would only ever see the taps
+of token 0. Attention keys are masked with `attention_mask`, so padding positions (live
+backbone states, or zeros from a padding-free cache) never reach a real token.
+
+Configuration read from the `PeftConfig` (fields that a config lacks take these defaults):
+- `side_reduction` (8): width = hidden // side_reduction;
+- `side_taps` (()): block indices 1..L the side network reads; empty means every block;
+- `side_attention` (True): the token-mixing attention sub-layer;
+- `side_heads` (0): attention heads, 0 means max(1, width // 16) (width must divide by it).
 """
 
 from __future__ import annotations
@@ -11,38 +29,122 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ringjax.errors import RingjaxError
+from ringjax.models.layers import attention_bias, dot_product_attention, layer_norm
 from ringjax.peft.ops import activation
 
 
-def side_shapes(hidden: int, num_layers: int, width: int) -> dict:
+def side_width(spec, hidden: int) -> int:
+    return max(1, hidden // spec.side_reduction)
+
+
+def tap_indices(spec, num_layers: int) -> tuple[int, ...]:
+    """Which taps the side network reads: (0, l1, l2, ...) with 0 the embedding output."""
+    chosen = tuple(getattr(spec, "side_taps", ()) or range(1, num_layers + 1))
+    bad = [t for t in chosen if not 1 <= t <= num_layers]
+    if bad or list(chosen) != sorted(set(chosen)):
+        raise RingjaxError(
+            f"side_taps {chosen} must be increasing block indices in 1..{num_layers} (1 = the first block's output)"
+        )
+    return (0, *chosen)
+
+
+def side_heads(spec, width: int) -> int:
+    heads = getattr(spec, "side_heads", 0) or max(1, width // 16)
+    if width % heads:
+        raise RingjaxError(f"side network width {width} does not divide into {heads} heads; change side_heads")
+    return heads
+
+
+def uses_attention(spec) -> bool:
+    return bool(getattr(spec, "side_attention", True))
+
+
+def side_shapes(hidden: int, num_layers: int, width: int, attention: bool = True) -> dict:
+    """Parameter shapes; `num_layers` is the number of tapped blocks (the scan length)."""
+    blocks = {
+        "tap": {"kernel": (num_layers, hidden, width), "bias": (num_layers, width)},
+        "mix": {"kernel": (num_layers, width, width)},
+    }
+    if attention:
+        blocks["attn"] = {
+            "norm": {"scale": (num_layers, width), "bias": (num_layers, width)},
+            "qkv": {"kernel": (num_layers, width, 3 * width)},
+            "out": {"kernel": (num_layers, width, width)},
+        }
     return {
         "in": {"kernel": (hidden, width), "bias": (width,)},
-        "blocks": {
-            "tap": {"kernel": (num_layers, hidden, width), "bias": (num_layers, width)},
-            "mix": {"kernel": (num_layers, width, width)},
-        },
+        "blocks": blocks,
         "out": {"kernel": (width, hidden), "bias": (hidden,)},
     }
 
 
-def side_output(spec, side, taps, h_final):
-    """h_final + side network(taps); taps is (L + 1, B, T, H). Zero-initialised `out` => identity."""
+def init_side(key, hidden: int, num_layers: int, width: int, std: float, *, taps=None, attention: bool = True) -> dict:
+    """Kernels ~ N(0, std); biases 0, norm scales 1; the output projection is zero (identity at init).
+
+    `taps`: number of tapped blocks (default `num_layers`, every block).
+    """
+    shapes = side_shapes(hidden, num_layers if taps is None else taps, width, attention)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(key, len(flat))
+    values = []
+    for (path, shape), k in zip(flat, keys):
+        name = jax.tree_util.keystr(path)
+        if name.startswith("['out']"):
+            values.append(jnp.zeros(shape))
+        elif "scale" in name:
+            values.append(jnp.ones(shape))
+        elif "bias" in name:
+            values.append(jnp.zeros(shape))
+        else:
+            values.append(std * jax.random.normal(k, shape))
+    return jax.tree.unflatten(treedef, values)
+
+
+def init_side_for(spec, key, hidden: int, num_layers: int) -> dict:
+    """`init_side` with every option read from the PEFT config."""
+    return init_side(
+        key, hidden, num_layers, side_width(spec, hidden), spec.init_std,
+        taps=len(tap_indices(spec, num_layers)) - 1, attention=uses_attention(spec),
+    )
+
+
+def side_output(spec, side, taps, h_final, attention_mask=None, causal: bool = False):
+    """h_final + side network(taps).
+
+    taps: (K, B, T, H), the tapped hidden states in `tap_indices` order, any float dtype (the
+    side network computes in float32), or the full (L + 1, B, T, H) stack, from which the
+    configured taps are picked. attention_mask: (B, T), 1 for real tokens; without it every
+    position counts as real (correct only for unpadded batches).
+    """
+    blocks = side["blocks"]
+    n_tapped = blocks["tap"]["kernel"].shape[0]
+    if taps.shape[0] != n_tapped + 1:
+        num_layers = taps.shape[0] - 1
+        wanted = tap_indices(spec, num_layers)
+        if len(wanted) != n_tapped + 1:
+            raise RingjaxError(f"the side network reads {n_tapped + 1} taps but the config selects {len(wanted)}")
+        taps = taps[jnp.asarray(wanted)]
+    taps = taps.astype(jnp.float32)
     act = activation(spec.non_linearity)
+    attend = "attn" in blocks
+    if attend:
+        width = side["in"]["kernel"].shape[1]
+        heads = side_heads(spec, width)
+        if attention_mask is None:
+            attention_mask = jnp.ones(taps.shape[1:3], jnp.int32)
+        bias = attention_bias(attention_mask, causal)
     s = taps[0] @ side["in"]["kernel"] + side["in"]["bias"]
 
     def step(s, layer):
         p, tap = layer
-        return s + act(tap @ p["tap"]["kernel"] + p["tap"]["bias"] + s @ p["mix"]["kernel"]), None
+        s = s + act(tap @ p["tap"]["kernel"] + p["tap"]["bias"] + s @ p["mix"]["kernel"])
+        if attend:
+            x = layer_norm(s, p["attn"]["norm"], 1e-6)
+            q, k, v = jnp.split(x @ p["attn"]["qkv"]["kernel"], 3, axis=-1)
+            q, k, v = (y.reshape(*y.shape[:2], heads, -1) for y in (q, k, v))
+            s = s + dot_product_attention(q, k, v, bias) @ p["attn"]["out"]["kernel"]
+        return s, None
 
-    s, _ = jax.lax.scan(step, s, (side["blocks"], taps[1:]))
+    s, _ = jax.lax.scan(step, s, (blocks, taps[1:]))
     return h_final + (s @ side["out"]["kernel"] + side["out"]["bias"]).astype(h_final.dtype)
-
-
-def init_side(key, hidden: int, num_layers: int, width: int, std: float) -> dict:
-    shapes = side_shapes(hidden, num_layers, width)
-    keys = iter(jax.random.split(key, 8))
-    return jax.tree.map(
-        lambda s: std * jax.random.normal(next(keys), s) if len(s) > 1 else jnp.zeros(s),
-        shapes,
-        is_leaf=lambda x: isinstance(x, tuple),
-    ) | {"out": {"kernel": jnp.zeros(shapes["out"]["kernel"]), "bias": jnp.zeros(shapes["out"]["bias"])}}

@@ -86,6 +86,14 @@ def parse_size(value: Any, where: str = "size") -> int:
     return int(round(_quantity(value, _BYTES, "size", where)))
 
 
+def format_size(num_bytes: float) -> str:
+    """Bytes as a short human string ('1.5GiB'), for messages and tables."""
+    for unit in ("TiB", "GiB", "MiB", "KiB"):
+        if abs(num_bytes) >= _BYTES[unit.lower()]:
+            return f"{num_bytes / _BYTES[unit.lower()]:.3g}{unit}"
+    return f"{num_bytes:.0f}B"
+
+
 def parse_rate(value: Any, where: str = "rate") -> float:
     """Bytes per second from a number or a string such as '1Gbit/s', '125MB/s', '600Mbps'."""
     return _quantity(value, _RATES, "rate", where)

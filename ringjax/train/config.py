@@ -1,0 +1,146 @@
+"""The run configuration: one typed dataclass, named presets, YAML files, command-line overrides.
+
+Precedence: defaults < preset < YAML file < command-line flags. Every field is a flag
+(`--max-length 64`), generated from the dataclass so the two never drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from ringjax.errors import RingjaxError
+
+DEFAULT_LR = {"full": 5e-5, "top-t": 1e-4, "lora": 5e-4, "houlsby": 1e-3, "pfeiffer": 1e-3, "parallel": 1e-3,
+              "ringada": 1e-3, "pac": 1e-3, "deft": 1e-3, "caff": 1e-4, "fedavg-full": 1e-4, "fedlora": 5e-4,
+              "uniform-t": 1e-4}
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    model: str = "minilm"
+    task: str = "synthetic"
+    data_dir: str | None = None
+    method: str = "houlsby"
+    adapter: str = "houlsby"  # the PEFT module RingAda / DEFT train
+    top_t: int = 2
+    # how long
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 32
+    max_length: int = 64
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+    # optimiser
+    lr: float | None = None  # None: the method's default (DEFAULT_LR)
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    seed: int = 0
+    # output
+    out: str = "runs/latest"
+    eval_every: int = 0  # 0: evaluate once, at the end
+    checkpoint_every: int = 0
+    resume: bool = False
+    progress: bool = True
+    # ring pipeline (RingAda)
+    devices: int = 1
+    microbatches: int = 4
+    unfreeze: str = "all"
+    placement: str = "equal"  # equal | auto | sizes like 2,1,2,1
+    schedule: str = "gpipe"
+    fleet: str | None = None
+    # PAC
+    cache_dir: str | None = None
+    cache_dtype: str = "float32"
+    # DEFT / federated
+    blocks: int | None = None
+    clients: int = 100
+    per_round: int = 10
+    rounds: int = 20
+    local_steps: int = 5
+    alpha: float | None = 0.5
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR.get(self.method, 1e-4)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict] = {
+    # The README's quick start: a short RingAda fine-tune of MiniLM on 4 emulated devices.
+    "quickstart": dict(method="ringada", devices=4, microbatches=4, steps=60, batch_size=16, max_length=32,
+                       unfreeze="0:2,20:4,40:6", eval_every=20, max_train_examples=2000, max_eval_examples=400,
+                       out="runs/quickstart"),
+    "sst2-houlsby": dict(task="sst2", method="houlsby", steps=1000, batch_size=32, max_length=64),
+}
+
+
+def _field_types() -> dict[str, type]:
+    hints = typing.get_type_hints(TrainConfig)
+    out = {}
+    for name, hint in hints.items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        out[name] = args[0] if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else hint
+    return out
+
+
+def _coerce(name: str, value):
+    kind = _field_types()[name]
+    if value is None or isinstance(value, kind):
+        return value
+    try:
+        if kind is bool and isinstance(value, str):
+            return value.lower() in ("1", "true", "yes", "on")
+        return kind(value)
+    except (TypeError, ValueError):
+        raise RingjaxError(f"config field {name!r} expects {kind.__name__}, got {value!r}") from None
+
+
+def build_config(preset: str | None = None, yaml_path: str | None = None, overrides: dict | None = None) -> TrainConfig:
+    values: dict = {}
+    if preset:
+        if preset not in PRESETS:
+            raise RingjaxError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        values.update(PRESETS[preset])
+    if yaml_path:
+        try:
+            loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise RingjaxError(f"cannot read config file {yaml_path}: {e}") from None
+        if not isinstance(loaded, dict):
+            raise RingjaxError(f"config file {yaml_path} must hold a mapping of field: value")
+        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    values.update(overrides or {})
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise RingjaxError(f"unknown config fields {unknown}; see `ringjax train --help`")
+    return TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per field; unset flags stay absent so YAML and presets are not overridden."""
+    parser.add_argument("--config", help="YAML file of config fields")
+    parser.add_argument("--preset", help=f"named preset: {', '.join(sorted(PRESETS))}")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if _field_types()[f.name] is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+        else:
+            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
+                                help=f"(default: {f.default})")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    return build_config(getattr(args, "preset", None), getattr(args, "config", None), overrides)

@@ -1,0 +1,163 @@
+"""The single-device training loop and the pieces every method's loop shares:
+run preparation (model, tokenizer, data), evaluation, the metrics log, and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from ringjax.data import BatchStream, Encoded, encode, eval_batches, get_task, load_task_data, task_metric
+from ringjax.errors import RingjaxError
+from ringjax.models import HeadConfig, Model, load_model, load_tokenizer
+from ringjax.models.model import check_max_length
+from ringjax.peft import PeftConfig, leaf_mask, merge, preset, split
+from ringjax.peft.trainable import count, layer_mask
+from ringjax.train.checkpoint import Checkpointer, run_identity
+from ringjax.train.config import TrainConfig
+from ringjax.train.optim import OptimConfig, make_optimizer
+from ringjax.train.step import init_state, make_eval_step, make_train_step
+
+SINGLE_DEVICE_METHODS = ("full", "lora", "houlsby", "pfeiffer", "parallel", "top-t")
+
+
+@dataclass
+class Run:
+    """Everything a method's loop needs, prepared once."""
+
+    config: TrainConfig
+    model: Model
+    train: Encoded
+    dev: Encoded
+    out: Path
+
+    @property
+    def task(self):
+        return get_task(self.config.task)
+
+    def batch_stream(self) -> BatchStream:
+        return BatchStream(self.train, self.config.batch_size, seed=self.config.seed)
+
+    def total_steps(self) -> int:
+        c = self.config
+        if c.steps is not None:
+            return c.steps
+        return max(1, int(c.epochs * self.batch_stream().steps_per_epoch))
+
+
+def peft_for(config: TrainConfig) -> PeftConfig:
+    name = config.method if config.method in SINGLE_DEVICE_METHODS else config.adapter
+    return preset(name, top_t=config.top_t) if name == "top-t" else preset(name)
+
+
+def prepare(config: TrainConfig) -> Run:
+    if (config.steps is None) == (config.epochs is None):
+        raise RingjaxError("give exactly one of --steps N or --epochs E")
+    task = get_task(config.task)
+    out = Path(config.out)
+    if not config.resume and (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
+        raise RingjaxError(f"{out} already holds checkpoints; pass --resume to continue or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    head = HeadConfig("regression" if task.is_regression else "classification", max(task.num_labels, 2))
+    model = load_model(config.model, head=head, peft=peft_for(config), seed=config.seed)
+    check_max_length(model.config, config.max_length)
+    tokenizer = load_tokenizer(model.directory)
+    encoded = {
+        split_name: encode(
+            load_task_data(config.task, config.data_dir, split_name, limit, config.seed),
+            tokenizer, config.max_length, model.config.max_length,
+        )
+        for split_name, limit in (("train", config.max_train_examples), ("dev", config.max_eval_examples))
+    }
+    return Run(config, model, encoded["train"], encoded["dev"], out)
+
+
+def evaluate(run: Run, params, eval_step=None, batch_size: int = 64) -> dict:
+    """Dev metrics of `params` (the task's main metric first, plus dev loss)."""
+    m = run.model
+    eval_step = eval_step or make_eval_step(m.config, m.peft_config, m.head_config)
+    preds = np.zeros(len(run.dev), np.float32 if run.task.is_regression else np.int32)
+    losses, weights = [], []
+    for batch in eval_batches(run.dev, batch_size):
+        p, loss = eval_step(params, {k: v for k, v in batch.items() if k != "index"})
+        real = batch["index"] >= 0
+        preds[batch["index"][real]] = np.asarray(p)[real]
+        losses.append(float(loss) * real.sum())
+        weights.append(real.sum())
+    metrics = task_metric(run.config.task, preds, run.dev.labels)
+    return {**metrics, "loss": sum(losses) / max(sum(weights), 1)}
+
+
+class MetricsLog:
+    """JSON lines in OUT/metrics.jsonl; on resume, records past the checkpoint are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = path
+        if resume_step is None:
+            path.write_text("")
+        elif path.exists():
+            keep = [l for l in path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
+            path.write_text("".join(l + "\n" for l in keep))
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def write_summary(run: Run, summary: dict) -> dict:
+    (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def optim_config(config: TrainConfig) -> OptimConfig:
+    return OptimConfig(lr=config.learning_rate, weight_decay=config.weight_decay, warmup_ratio=config.warmup_ratio)
+
+
+def train_single_device(run: Run) -> dict:
+    """Plain jitted training on one device, with evaluation, metrics log and exact resume."""
+    c, m = run.config, run.model
+    params = m.tree()
+    trainable, frozen = split(params, leaf_mask(params, m.peft_config))
+    total = run.total_steps()
+    optimizer = make_optimizer(optim_config(c), total)
+    state = init_state(optimizer, trainable)
+    ckpt = Checkpointer(run.out)
+    identity = run_identity(c) | {"learning_rate": c.learning_rate}
+    start = 0
+    if c.resume:
+        state, record = ckpt.restore(state, identity)
+        start = record["data_position"]
+    log = MetricsLog(run.out / "metrics.jsonl", start if c.resume else None)
+    depth = m.depth
+    step_fn = make_train_step(m.config, m.peft_config, m.head_config, optimizer, params, depth)
+    eval_step = make_eval_step(m.config, m.peft_config, m.head_config)
+    stream = run.batch_stream()
+    began = time.perf_counter()
+    bar = tqdm(total=total, initial=start, disable=not c.progress, desc=f"{c.method} {c.task}", unit="step")
+    for step, batch in enumerate(stream.batches(start=start, stop=total), start=start + 1):
+        batch = {k: v for k, v in batch.items() if k != "index"}
+        state, metrics = step_fn(state, frozen, batch)
+        loss = float(metrics["loss"])
+        log.write({"step": step, "loss": loss})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if c.eval_every and step % c.eval_every == 0 and step < total:
+            log.write({"step": step, "dev": evaluate(run, merge(state.trainable, frozen), eval_step)})
+        if c.checkpoint_every and step % c.checkpoint_every == 0:
+            ckpt.save(step, state, {"data_position": step, "seed": c.seed, "identity": identity})
+    bar.close()
+    train_seconds = time.perf_counter() - began
+    dev = evaluate(run, merge(state.trainable, frozen), eval_step)
+    log.write({"step": total, "dev": dev})
+    factors = layer_mask(params, m.peft_config, depth, m.config.num_layers)
+    return write_summary(run, {
+        "method": c.method, "task": c.task, "model": c.model,
+        "dev_metric": dev[run.task.metric], "dev_metric_name": run.task.metric, "dev": dev,
+        "train_seconds": train_seconds, "steps": total, "trainable_params": count(params, factors),
+        "final_loss": loss if total > start else None,
+    })
