@@ -12,6 +12,7 @@ from ringjax.plan.allocation import (
     random_assignment,
     round_schedule,
 )
+from ringjax.plan.costs import BlockCost, block_costs, hidden_state_bytes, top_layers
 from ringjax.plan.placement import (
     Placement,
     at_depth,
@@ -51,11 +52,12 @@ from ringjax.plan.simulator import (
 )
 
 __all__ = [
-    "Action", "Allocation", "AllocationProblem", "Costs", "DeviceProfile", "Placement", "Schedule",
-    "SimResult", "Span", "Transfer", "allocate", "at_depth", "calibrate", "deft_problem",
+    "Action", "Allocation", "AllocationProblem", "BlockCost", "Costs", "DeviceProfile", "Placement", "Schedule",
+    "SimResult", "Span", "Transfer", "allocate", "at_depth", "block_costs", "calibrate", "deft_problem",
     "equal_bandwidth", "equal_split", "equal_split_latency", "evaluate_split", "format_size",
-    "gantt_png", "gpipe_schedule", "greedy", "load_fleet", "one_f_one_b_schedule",
+    "gantt_png", "hidden_state_bytes", "gpipe_schedule", "greedy", "load_fleet", "one_f_one_b_schedule",
     "optimal_bandwidth", "optimal_placement", "parse_fleet", "parse_number", "parse_rate",
     "parse_seconds", "parse_size", "preset", "preset_names", "profile_entry", "random_assignment",
-    "round_schedule", "scale_costs", "simulate", "split_from_sizes", "stage_ranges", "write_profile",
+    "round_schedule", "scale_costs", "simulate", "split_from_sizes", "stage_ranges", "top_layers",
+    "write_profile",
 ]

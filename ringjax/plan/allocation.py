@@ -53,6 +53,8 @@ class AllocationProblem:
         if upload.shape != (blocks,) or rate.shape != (devices,) or np.isinf(upload).any() or np.isinf(rate).any():
             raise ValueError(f"compute_seconds is {devices}x{blocks}: need {blocks} finite upload_bits "
                              f"and {devices} finite rates")
+        if blocks == 0:
+            raise RingjaxError("no blocks to allocate: use --blocks 1 or more")
         if blocks > devices:
             raise RingjaxError(f"--blocks {blocks} but only {devices} devices: use at most {devices} blocks")
         if not self.bandwidth_hz > 0 or math.isinf(self.bandwidth_hz):
@@ -288,8 +290,8 @@ def greedy(problem: AllocationProblem) -> Allocation:
 
 def round_schedule(problem: AllocationProblem,
                    allocation: Allocation) -> tuple[Schedule, dict[tuple[str, int], float]]:
-    """One DEFT round as a simulator schedule (compute, then upload, per device) and its costs,
-    so a round can be drawn with `gantt_png`."""
+    """One DEFT round as a simulator schedule (compute, then upload, per device; stage = block)
+    and its costs, so a round can be drawn with `gantt_png(..., label="stage")`."""
     ticks, costs = ([], []), {}
     for block, device in enumerate(allocation.assignment):
         compute = float(problem.compute_seconds[device, block])

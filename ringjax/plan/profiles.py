@@ -17,7 +17,7 @@ import socket
 import statistics
 import time
 from decimal import Decimal
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 

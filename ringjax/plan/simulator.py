@@ -260,8 +260,11 @@ def one_f_one_b_schedule(num_stages: int, num_microbatches: int, backward_stages
     return _pipeline(N, M, backward_stages, activation_bytes, order)
 
 
-def gantt_png(result: SimResult, path: str | Path, title: str | None = None) -> None:
-    """Draw the timeline: one row per device, a bar per action coloured by kind, sends as thin bars."""
+def gantt_png(result: SimResult, path: str | Path, title: str | None = None, label: str = "microbatch") -> None:
+    """Draw the timeline: one row per device, a bar per action coloured by kind and labelled with
+    its `label` field ("microbatch" or "stage"), sends as thin grey bars under their sender."""
+    if label not in ("microbatch", "stage"):
+        raise ValueError(f"label must be 'microbatch' or 'stage', got {label!r}")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
@@ -277,7 +280,7 @@ def gantt_png(result: SimResult, path: str | Path, title: str | None = None) -> 
         axes.barh(action.device, span.end - span.start, left=span.start, height=0.6,
                   color=colours[action.kind], edgecolor="black", linewidth=0.4)
         if span.end - span.start > 0.02 * result.makespan:
-            axes.text((span.start + span.end) / 2, action.device, str(action.microbatch),
+            axes.text((span.start + span.end) / 2, action.device, str(getattr(action, label)),
                       ha="center", va="center", fontsize=7)
     for span in result.sends:
         axes.barh(span.item.src + 0.38, span.end - span.start, left=span.start, height=0.12,
@@ -289,6 +292,6 @@ def gantt_png(result: SimResult, path: str | Path, title: str | None = None) -> 
     handles = [Patch(color=colours[kind], label=kind) for kind in kinds]
     if result.sends:
         handles.append(Patch(color="grey", label="send"))
-    axes.legend(handles=handles, loc="upper right", fontsize=7)
+    axes.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

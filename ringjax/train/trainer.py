@@ -17,6 +17,7 @@ from ringjax.errors import RingjaxError
 from ringjax.models import HeadConfig, Model, load_model, load_tokenizer
 from ringjax.models.model import check_max_length
 from ringjax.peft import PeftConfig, leaf_mask, merge, preset, split
+from ringjax.peft.export import save_trainable
 from ringjax.peft.trainable import count, layer_mask
 from ringjax.train.checkpoint import Checkpointer, run_identity
 from ringjax.train.config import TrainConfig
@@ -63,6 +64,7 @@ def prepare(config: TrainConfig) -> Run:
     if not config.resume and (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
         raise RingjaxError(f"{out} already holds checkpoints; pass --resume to continue or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     head = HeadConfig("regression" if task.is_regression else "classification", max(task.num_labels, 2))
     model = load_model(config.model, head=head, peft=peft_for(config), seed=config.seed)
     check_max_length(model.config, config.max_length)
@@ -154,6 +156,10 @@ def train_single_device(run: Run) -> dict:
     train_seconds = time.perf_counter() - began
     dev = evaluate(run, merge(state.trainable, frozen), eval_step)
     log.write({"step": total, "dev": dev})
+    final_params = merge(state.trainable, frozen)
+    save_trainable(run.out, final_params, leaf_mask(params, m.peft_config), m.config, m.peft_config, m.head_config)
+    if c.checkpoint_every:
+        ckpt.save(total, state, {"data_position": total, "seed": c.seed, "identity": identity})
     factors = layer_mask(params, m.peft_config, depth, m.config.num_layers)
     return write_summary(run, {
         "method": c.method, "task": c.task, "model": c.model,

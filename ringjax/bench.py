@@ -1,0 +1,96 @@
+"""Benchmarks that print JSON. Ratios are measured side by side in one process, since the
+machines this runs on are shared and their absolute speed drifts."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ringjax.errors import RingjaxError
+from ringjax.models import HeadConfig, load_model
+from ringjax.peft import leaf_mask, preset, split
+from ringjax.train.optim import OptimConfig, make_optimizer
+from ringjax.train.step import init_state, make_train_step
+
+
+def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """fp32 matmul throughput of this device, the yardstick for MFU."""
+    a = jax.random.normal(jax.random.key(0), (n, n))
+    f = jax.jit(lambda a: a @ a)
+    return 2 * n**3 / median_seconds(lambda: f(a), repeats) / 1e9
+
+
+def random_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "input_ids": jnp.asarray(rng.integers(1000, min(20000, vocab), (batch, seq)), jnp.int32),
+        "attention_mask": jnp.ones((batch, seq), jnp.int32),
+        "token_type_ids": jnp.zeros((batch, seq), jnp.int32),
+        "labels": jnp.asarray(rng.integers(0, 2, (batch,)), jnp.int32),
+    }
+
+
+def compiled_flops(compiled) -> float:
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    return float(analysis.get("flops", 0.0))
+
+
+def peak_bytes(compiled) -> int:
+    """Arguments + outputs + temporaries, less donated buffers counted twice (XLA memory analysis)."""
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def single_device_step(model_name: str, method: str, batch: int, seq: int):
+    """(step fn, state, frozen, batch, compiled) for one training step of `method`."""
+    model = load_model(model_name, head=HeadConfig("classification", 2), peft=preset(method))
+    params = model.tree()
+    trainable, frozen = split(params, leaf_mask(params, model.peft_config))
+    optimizer = make_optimizer(OptimConfig(), 1000)
+    state = init_state(optimizer, trainable)
+    step = make_train_step(model.config, model.peft_config, model.head_config, optimizer, params, model.depth)
+    data = random_batch(batch, seq, model.config.vocab_size)
+    compiled = step.lower(state, frozen, data).compile()
+    return compiled, state, frozen, data
+
+
+def bench_step(model: str = "minilm", method: str = "houlsby", batch: int = 32, seq: int = 64, repeats: int = 5) -> dict:
+    compiled, state, frozen, data = single_device_step(model, method, batch, seq)
+    holder = [state]
+
+    def run():
+        holder[0], metrics = compiled(holder[0], frozen, data)
+        return metrics["loss"]
+
+    seconds = median_seconds(run, repeats)
+    flops = compiled_flops(compiled)
+    peak = matmul_peak_gflops()
+    achieved = flops / seconds / 1e9
+    return {
+        "model": model, "method": method, "batch": batch, "seq": seq, "seconds_per_step": seconds,
+        "tokens_per_second": batch * seq / seconds, "flops_per_step": flops, "gflops_per_second": achieved,
+        "matmul_peak_gflops": peak, "mfu": achieved / peak, "peak_bytes": peak_bytes(compiled),
+        "device": str(jax.devices()[0].device_kind),
+    }
+
+
+def run_bench(what: str, options: dict) -> dict:
+    if what == "step":
+        return bench_step(options["model"], options["method"], options["batch"], options["seq"], options["repeats"])
+    raise RingjaxError(f"unknown benchmark {what!r}")

@@ -1,0 +1,832 @@
+"""PAC: parallel adapters, an activation cache, and pipeline-then-data parallelism.
+
+The trainable part is the side network (`ringjax.peft.parallel`) plus the task head; the
+backbone is frozen and only ever runs forward. So:
+
+- epoch 1 runs the backbone forward, pipelined over the devices of a `stage` mesh axis
+  (GPipe, forward only: `RingForward`) or jitted on one device (`make_taps_fn`). The taps it
+  produces train the side network at once *and* fill the activation cache
+  (`ringjax.methods.activation_cache`), padding dropped, in float32 / bfloat16 / float16;
+- every later epoch rebuilds padded batches from the cache (same batch plan, attention mask
+  from the cached lengths) and trains the side network with pure data parallelism over all
+  devices: `shard_map` over a `data` axis, local gradients all-reduced with `psum`. There is
+  no backbone compute after epoch 1: the cached steps never receive the backbone weights.
+
+`train_pac` is the loop the CLI wraps; `bench_pac` measures it next to full fine-tuning and
+Houlsby adapters. Taps travel in a (B, T, K, H) layout (K = stored taps), the cache's per
+token row layout, and are moved to (K, B, T, H) inside the jitted steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ringjax.data.batching import BatchStream, default_buckets
+from ringjax.errors import RingjaxError
+from ringjax.methods import activation_cache as ac
+from ringjax.models import backbone
+from ringjax.models.config import ModelConfig
+from ringjax.models.heads import HeadConfig, apply_head, example_losses, predictions
+from ringjax.models.layers import attention_bias
+from ringjax.peft import parallel
+from ringjax.peft.config import PeftConfig
+from ringjax.train.step import TrainState, init_state
+
+STAGE, DATA = "stage", "data"
+
+
+# ----------------------------------------------------------------------------- parameters and taps
+
+
+def split_params(params: dict) -> tuple[dict, dict]:
+    """(trainable {head, peft: {side}}, frozen backbone {embed, blocks, final})."""
+    if "side" not in params.get("peft", {}):
+        raise RingjaxError("PAC needs a model built with peft='parallel' (a side network in params['peft']['side'])")
+    trainable = {"head": params["head"], "peft": {"side": params["peft"]["side"]}}
+    frozen = {k: v for k, v in params.items() if k not in ("head", "peft")}
+    return trainable, frozen
+
+
+def merge_params(trainable: dict, frozen: dict) -> dict:
+    return {**frozen, "head": trainable["head"], "peft": trainable["peft"]}
+
+
+def stored_taps(spec: PeftConfig, num_layers: int) -> tuple[int, ...]:
+    """Tap indices the cache holds: what the side network reads, plus the last block (h_final)."""
+    return tuple(sorted(set(parallel.tap_indices(spec, num_layers)) | {num_layers}))
+
+
+def _side_positions(spec: PeftConfig, num_layers: int) -> np.ndarray:
+    stored = stored_taps(spec, num_layers)
+    return np.asarray([stored.index(t) for t in parallel.tap_indices(spec, num_layers)])
+
+
+def _check_head(head: HeadConfig) -> None:
+    if head.kind == "lm":
+        raise RingjaxError("PAC trains classification or regression heads; the 'lm' head is not supported")
+
+
+def logits_from_taps(cfg: ModelConfig, spec: PeftConfig, head: HeadConfig, trainable, final, taps, attention_mask):
+    """Head logits from stored taps (B, T, K, H) in `stored_taps` order: no backbone weights involved."""
+    taps = jnp.moveaxis(taps, 2, 0)  # (K, B, T, H)
+    h_final = backbone.arch(cfg).final(cfg, final, taps[-1].astype(jnp.float32))
+    side_taps = taps[_side_positions(spec, cfg.num_layers)]
+    h = parallel.side_output(spec, trainable["peft"]["side"], side_taps, h_final, attention_mask, cfg.causal)
+    return apply_head(cfg, head, trainable["head"], h, attention_mask, {})
+
+
+def live_logits(cfg: ModelConfig, spec: PeftConfig, head: HeadConfig, trainable, frozen, batch):
+    """The same logits with the backbone run live (the reference the cached path must equal)."""
+    h, taps = backbone.encode(cfg, spec, frozen, batch, depth=0, keep_taps=True)
+    taps = jax.lax.stop_gradient(taps)
+    h = parallel.side_output(spec, trainable["peft"]["side"], taps, jax.lax.stop_gradient(h), batch["attention_mask"], cfg.causal)
+    return apply_head(cfg, head, trainable["head"], h, batch["attention_mask"], {})
+
+
+def _mean_loss(head, logits, batch, count):
+    w = batch["example_mask"]
+    return (example_losses(head, logits, batch["labels"]) * w).sum() / jnp.maximum(count, 1.0)
+
+
+def live_loss(cfg, spec, head, trainable, frozen, batch):
+    return _mean_loss(head, live_logits(cfg, spec, head, trainable, frozen, batch), batch, batch["example_mask"].sum())
+
+
+def cached_loss(cfg, spec, head, trainable, final, batch):
+    """batch: taps (B, T, K, H), attention_mask, labels, example_mask."""
+    logits = logits_from_taps(cfg, spec, head, trainable, final, batch["taps"], batch["attention_mask"])
+    return _mean_loss(head, logits, batch, batch["example_mask"].sum())
+
+
+def make_taps_fn(cfg: ModelConfig, spec: PeftConfig, dtype="float32"):
+    """Single-device jitted backbone forward: (frozen, token batch) -> taps (B, T, K, H) in `dtype`."""
+    ids = np.asarray(stored_taps(spec, cfg.num_layers))
+    out_dtype = ac.DTYPES[ac.dtype_name(dtype)]
+
+    def taps_fn(frozen, batch):
+        _, taps = backbone.encode(cfg, spec, frozen, batch, depth=0, keep_taps=True)
+        return jnp.moveaxis(taps[ids], 0, 2).astype(out_dtype)
+
+    return jax.jit(taps_fn)
+
+
+# ----------------------------------------------------------------------------- the forward-only ring pipeline
+
+
+def stage_sizes(num_layers: int, n_stages: int) -> tuple[int, ...]:
+    """Contiguous, as even as possible, extra layers to the first stages (6 over 4: 2, 2, 1, 1)."""
+    base, extra = divmod(num_layers, n_stages)
+    return tuple(base + (s < extra) for s in range(n_stages))
+
+
+class RingForward:
+    """Backbone forward pipelined over a `stage` mesh axis (GPipe fill/drain, forward only).
+
+    Stage s holds blocks [start_s, start_s + sizes[s]) (uneven sizes allowed); every stage
+    holds the frozen embedding. A global batch is split into M microbatches; at tick t stage s
+    works on microbatch t - s, receiving its input from stage s - 1 by `ppermute`. Bubble
+    ticks and the padding layers of short stages are skipped with `lax.cond` on the stage
+    index, so they cost no compute. Each stage keeps its own blocks' outputs (the taps) for
+    every microbatch; the caller gets all stored taps as (B, T, K, H) in the cache dtype.
+
+    Forward only: no residuals are kept for a backward pass, which PAC never runs. Unify with
+    `ringjax.parallel`'s ring engine once its forward path exists.
+    """
+
+    def __init__(self, cfg: ModelConfig, spec: PeftConfig, frozen: dict, devices, microbatches: int | None = None,
+                 sizes: tuple[int, ...] | None = None, dtype="float32"):
+        self.cfg, self.spec = cfg, spec
+        n = len(devices)
+        self.sizes = tuple(sizes) if sizes is not None else stage_sizes(cfg.num_layers, n)
+        if len(self.sizes) != n or sum(self.sizes) != cfg.num_layers or min(self.sizes) < 0:
+            raise RingjaxError(f"stage sizes {self.sizes} must be {n} counts summing to {cfg.num_layers} layers")
+        self.microbatches = microbatches or n
+        self.mesh = jax.sharding.Mesh(np.asarray(devices), (STAGE,))
+        self.out_dtype = ac.DTYPES[ac.dtype_name(dtype)]
+        self.ids = stored_taps(spec, cfg.num_layers)
+        lmax = max(max(self.sizes), 1)
+        starts = np.concatenate([[0], np.cumsum(self.sizes)])[:-1]
+        # stage-stacked blocks (N, lmax, ...): padding slots repeat a real layer and are never run
+        layer_of = np.array([[min(starts[s] + min(j, max(self.sizes[s] - 1, 0)), cfg.num_layers - 1)
+                              for j in range(lmax)] for s in range(n)])
+        staged = jax.tree.map(lambda x: np.asarray(x)[layer_of], frozen["blocks"])
+        rep, by_stage = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P(STAGE))
+        self.embed = jax.device_put(frozen["embed"], rep)
+        self.staged = jax.device_put(staged, by_stage)
+        self._rep = rep
+        # where global block l (1-based) sits: (stage, slot)
+        self._where = {int(starts[s] + j + 1): (s, j) for s in range(n) for j in range(self.sizes[s])}
+        self._fn = jax.jit(self._build())
+
+    def _build(self):
+        cfg, n, m = self.cfg, len(self.sizes), self.microbatches
+        block = backbone.arch(cfg).block
+        sizes = jnp.asarray(self.sizes)
+        spec, out_dtype = self.spec, self.out_dtype
+        forward_perm = [(i, i + 1) for i in range(n - 1)]
+
+        def per_stage(embed, staged, batch):
+            s = jax.lax.axis_index(STAGE)
+            size = sizes[s]
+            blocks = jax.tree.map(lambda x: x[0], staged)  # (lmax, ...)
+            h0 = backbone.arch(cfg).embed(cfg, embed, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+            b, t, hidden = h0.shape
+            mb = b // m
+            h0 = h0.reshape(m, mb, t, hidden)
+            bias = attention_bias(batch["attention_mask"], cfg.causal)
+            bias = bias.reshape(m, mb, *bias.shape[1:])
+            lmax = jax.tree.leaves(blocks)[0].shape[0]
+
+            def run_stage(x, bias_m):
+                def layer(h, item):
+                    j, p = item
+                    h = jax.lax.cond(j < size, lambda h: block(cfg, p, h, bias_m, {}, spec), lambda h: h, h)
+                    return h, h.astype(out_dtype)
+
+                return jax.lax.scan(layer, x, (jnp.arange(lmax), blocks))
+
+            def tick(carry, step):
+                recv, buf = carry
+                mi = step - s
+                active = (mi >= 0) & (mi < m)
+                mc = jnp.clip(mi, 0, m - 1)
+                x = jnp.where(s == 0, h0[mc], recv)
+
+                def work(x, buf):
+                    h, ys = run_stage(x, bias[mc])
+                    return h, jax.lax.dynamic_update_index_in_dim(buf, ys, mc, 0)
+
+                h, buf = jax.lax.cond(active, work, lambda x, buf: (x, buf), x, buf)
+                return (jax.lax.ppermute(h, STAGE, forward_perm), buf), None
+
+            buf = jnp.zeros((m, lmax, mb, t, hidden), out_dtype)
+            recv = jnp.zeros((mb, t, hidden), h0.dtype)
+            recv, buf = jax.lax.pcast((recv, buf), STAGE, to="varying")
+            (_, buf), _ = jax.lax.scan(tick, (recv, buf), jnp.arange(m + n - 1))
+            return h0.reshape(b, t, hidden).astype(out_dtype), buf[None]
+
+        mapped = jax.shard_map(
+            per_stage, mesh=self.mesh, in_specs=(P(), P(STAGE), P()), out_specs=(P(), P(STAGE)),
+        )
+        ids, where = self.ids, self._where
+
+        def run(embed, staged, batch):
+            h0, bufs = mapped(embed, staged, batch)  # h0 (B, T, H); bufs (N, M, lmax, mb, T, H)
+            n_, m_, _, mb, t, hidden = bufs.shape
+            stacks = []
+            for tap in ids:
+                if tap == 0:
+                    stacks.append(h0)
+                else:
+                    s, j = where[tap]
+                    stacks.append(bufs[s, :, j].reshape(m_ * mb, t, hidden))
+            return jnp.stack(stacks, axis=2)  # (B, T, K, H)
+
+        return run
+
+    def __call__(self, batch: dict) -> jax.Array:
+        b = batch["input_ids"].shape[0]
+        if b % self.microbatches:
+            raise RingjaxError(f"batch size {b} does not split into {self.microbatches} microbatches")
+        keys = ("input_ids", "attention_mask", "token_type_ids")
+        tokens = jax.device_put({k: np.asarray(batch[k]) for k in keys if k in batch}, self._rep)
+        return self._fn(self.embed, self.staged, tokens)
+
+
+# ----------------------------------------------------------------------------- data-parallel side-network step
+
+
+def data_mesh(devices) -> jax.sharding.Mesh:
+    return jax.sharding.Mesh(np.asarray(devices), (DATA,))
+
+
+def make_side_step(cfg: ModelConfig, spec: PeftConfig, head: HeadConfig, optimizer, mesh=None):
+    """Jitted step (state, final, batch) -> (state, loss) on cached taps.
+
+    With a mesh (axis `data`): `shard_map`, each device takes B / N rows, computes its share
+    sum(loss * w) / global_count of the global weighted mean, and the local gradients are
+    all-reduced with `psum` (the parameters are cast to device-varying first, so the psum is
+    explicit rather than the implicit one shard_map's autodiff would insert). The optimizer
+    update then runs replicated. Without a mesh: the same computation on one device.
+    """
+    _check_head(head)
+
+    def step(state: TrainState, final, batch, axis=None):
+        w = batch["example_mask"]
+        count = w.sum() if axis is None else jax.lax.psum(w.sum(), axis)
+
+        def loss_of(trainable):
+            logits = logits_from_taps(cfg, spec, head, trainable, final, batch["taps"], batch["attention_mask"])
+            return _mean_loss(head, logits, batch, count)
+
+        trainable = state.trainable if axis is None else jax.lax.pcast(state.trainable, axis, to="varying")
+        loss, grads = jax.value_and_grad(loss_of)(trainable)
+        if axis is not None:
+            loss, grads = jax.lax.psum((loss, grads), axis)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        return TrainState(optax.apply_updates(state.trainable, updates), opt_state, state.step + 1), loss
+
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    mapped = jax.shard_map(
+        lambda state, final, batch: step(state, final, batch, DATA),
+        mesh=mesh, in_specs=(P(), P(), P(DATA)), out_specs=(P(), P()),
+    )
+    return jax.jit(mapped, donate_argnums=0)
+
+
+def make_side_eval(cfg: ModelConfig, spec: PeftConfig, head: HeadConfig, mesh=None):
+    """Jitted (trainable, final, batch) -> (predictions, per-example losses) on cached taps."""
+    _check_head(head)
+
+    def evaluate(trainable, final, batch):
+        logits = logits_from_taps(cfg, spec, head, trainable, final, batch["taps"], batch["attention_mask"])
+        return predictions(head, logits), example_losses(head, logits, batch["labels"])
+
+    if mesh is None:
+        return jax.jit(evaluate)
+    return jax.jit(jax.shard_map(evaluate, mesh=mesh, in_specs=(P(), P(), P(DATA)), out_specs=(P(DATA), P(DATA))))
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def token_batch(encoded, indices, width: int, batch_size: int) -> dict:
+    """A padded token batch of `indices` (padding rows repeat the first and carry index -1)."""
+    indices = np.asarray(indices, np.int64)
+    real = len(indices)
+    rows = np.concatenate([indices, np.full(batch_size - real, indices[0])])
+    lengths = np.minimum(np.diff(encoded.offsets)[rows], width)
+    columns = np.arange(width)
+    mask = columns[None, :] < lengths[:, None]
+    pos = np.where(mask, encoded.offsets[rows][:, None] + columns[None, :], 0)
+    real_rows = np.arange(batch_size) < real
+    return {
+        "input_ids": np.where(mask, encoded.input_ids[pos], encoded.pad_id).astype(np.int32),
+        "attention_mask": mask.astype(np.int32),
+        "token_type_ids": np.where(mask, encoded.token_type_ids[pos], 0).astype(np.int32),
+        "labels": encoded.labels[rows],
+        "example_mask": real_rows.astype(np.float32),
+        "index": np.where(real_rows, rows, -1).astype(np.int32),
+    }
+
+
+def cached_batch(cache: ac.ActivationCache, batch: dict) -> dict:
+    """Rebuild the side-network batch of a token batch's rows from the cache (no token ids needed)."""
+    index = batch["index"]
+    rows = np.where(index >= 0, index, index.max(initial=0) if (index >= 0).any() else 0)
+    width = batch["attention_mask"].shape[1]
+    taps, lengths = cache.gather(rows, width)
+    mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int32)
+    return {"taps": taps, "attention_mask": mask, "labels": batch["labels"], "example_mask": batch["example_mask"]}
+
+
+def _side_batch(taps, batch) -> dict:
+    return {"taps": taps, "attention_mask": batch["attention_mask"], "labels": batch["labels"],
+            "example_mask": batch["example_mask"]}
+
+
+def _eval_plan(n: int, lengths: np.ndarray, batch_size: int, buckets) -> list[np.ndarray]:
+    """Every example once, grouped by bucket (few shapes), unshuffled."""
+    bucket_of = np.searchsorted(buckets, np.minimum(lengths, buckets[-1]))
+    plan = []
+    for b in range(len(buckets)):
+        members = np.flatnonzero(bucket_of == b)
+        plan.extend(members[i : i + batch_size] for i in range(0, len(members), batch_size))
+    return plan
+
+
+def _width(lengths, indices, buckets) -> int:
+    return int(buckets[int(np.searchsorted(buckets, min(int(lengths[indices].max()), buckets[-1])))])
+
+
+# ----------------------------------------------------------------------------- the training loop
+
+
+class PacResult(NamedTuple):
+    trainable: dict  # {head, peft: {side}}
+    summary: dict  # epoch_seconds, train_seconds, dev metrics per epoch, cache bytes, ...
+
+
+def cache_material(cfg: ModelConfig, spec: PeftConfig, frozen: dict, encoded, dtype, split: str, max_width: int,
+                   identity: dict | None = None) -> tuple[str, dict]:
+    """Cache key over everything the taps depend on.
+
+    identity may add {"model": ac.model_identity(dir), "tokenizer": ac.tokenizer_identity(tok)};
+    weights are hashed by content regardless, data by its token ids.
+    """
+    fields = {
+        "what": "pac-taps",
+        "split": split,
+        "config": dataclasses.asdict(cfg),
+        "weights": ac.weights_identity(frozen),
+        "data": ac.data_identity(encoded.input_ids, encoded.token_type_ids, encoded.offsets),
+        "max_length": int(encoded.max_length),
+        "max_width": int(max_width),
+        "taps": list(stored_taps(spec, cfg.num_layers)),
+        "dtype": ac.dtype_name(dtype),
+        **(identity or {}),
+    }
+    return ac.cache_key(**fields)
+
+
+def _put(tree, sharding):
+    return jax.device_put(tree, sharding) if sharding is not None else tree
+
+
+def train_pac(
+    cfg: ModelConfig,
+    spec: PeftConfig,
+    head: HeadConfig,
+    params: dict,
+    train,
+    dev,
+    n_devices: int,
+    epochs: int,
+    batch_size: int,
+    optimizer: optax.GradientTransformation,
+    cache_dir=None,
+    dtype="float32",
+    *,
+    seed: int = 0,
+    buckets: tuple[int, ...] | None = None,
+    microbatches: int | None = None,
+    pipeline: bool = True,
+    identity: dict | None = None,
+    warmup: bool = True,
+    metric: Callable | None = None,
+    log: Callable[[dict], None] | None = None,
+    devices=None,
+) -> PacResult:
+    """Train PAC: epoch 1 from the live backbone (ring-pipelined forward), later epochs from the cache.
+
+    train / dev: tokenised data as `ringjax.data.Encoded` (flat input_ids, token_type_ids,
+    offsets, labels, max_length, pad_id); dev may be None. n_devices: devices of the ring and of
+    the data-parallel axis (1: everything jitted on one device). optimizer: any optax
+    transformation (its schedule should span epochs * steps_per_epoch steps). cache_dir: where
+    the memory-mapped cache lives (None: host RAM, rebuilt every run). dtype: cache dtype
+    (float32 / bfloat16 / float16; bf16 taps are what the side network sees in every epoch).
+    A complete cache for the same key is reused, so a rerun skips the backbone entirely.
+    metric(predictions, labels) -> dict scores dev (default: accuracy, or pearson for regression).
+    Returns PacResult(trainable, summary) with summary["epoch_seconds"] and ["cache_bytes"].
+    """
+    _check_head(head)
+    if epochs < 1:
+        raise RingjaxError(f"epochs must be at least 1, got {epochs}")
+    devices = list(devices if devices is not None else jax.devices()[:n_devices])
+    if len(devices) < n_devices:
+        raise RingjaxError(
+            f"{n_devices} devices requested but JAX sees {len(jax.devices())}; on CPU set "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={n_devices} before JAX starts"
+        )
+    if batch_size % n_devices:
+        raise RingjaxError(f"batch size {batch_size} must divide over {n_devices} devices")
+    buckets = tuple(buckets or default_buckets(train.max_length))
+    dtype = ac.dtype_name(dtype)
+    metric = metric or _default_metric(head)
+    trainable, frozen = split_params(params)
+    final = frozen["final"]
+
+    # --- the cached step runs data-parallel over every device
+    mesh = data_mesh(devices) if n_devices > 1 else None
+    by_row = NamedSharding(mesh, P(DATA)) if mesh is not None else None
+    rep = NamedSharding(mesh, P()) if mesh is not None else None
+    step_fn = make_side_step(cfg, spec, head, optimizer, mesh)
+    eval_fn = make_side_eval(cfg, spec, head, mesh)
+    state = _put(init_state(optimizer, trainable), rep)
+    final_dev = _put(final, rep)
+
+    # --- epoch 1's backbone: ring pipeline over the same devices, or one jitted device
+    if pipeline and n_devices > 1:
+        mb = microbatches or n_devices
+        if batch_size % mb:
+            raise RingjaxError(f"batch size {batch_size} does not split into {mb} microbatches")
+        ring = RingForward(cfg, spec, frozen, devices, mb, dtype=dtype)
+        forward = ring
+        forward_kind = f"ring pipeline, {n_devices} stages {ring.sizes}, {mb} microbatches"
+    else:
+        taps_fn = make_taps_fn(cfg, spec, dtype)
+        frozen_dev = jax.device_put(frozen, devices[0])
+        forward = lambda batch: taps_fn(frozen_dev, {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
+        forward_kind = "single device"
+
+    # --- caches: reuse a complete one, else build during epoch 1
+    def open_or_build(encoded, split):
+        key, material = cache_material(cfg, spec, frozen, encoded, dtype, split, buckets[-1], identity)
+        cache = ac.ActivationCache.open(cache_dir, key) if cache_dir is not None else None
+        if cache is not None:
+            return cache, None
+        lengths = np.minimum(np.diff(encoded.offsets), buckets[-1])
+        return None, ac.CacheBuilder(cache_dir, key, material, lengths, len(stored_taps(spec, cfg.num_layers)),
+                                     cfg.hidden_size, dtype)
+
+    t_key = time.perf_counter()
+    train_cache, train_builder = open_or_build(train, "train")
+    dev_cache, dev_builder = (None, None) if dev is None else open_or_build(dev, "dev")
+    key_seconds = time.perf_counter() - t_key
+    stream = BatchStream(train, batch_size, seed=seed, buckets=buckets)
+
+    compile_seconds = 0.0
+    if warmup:
+        t0 = time.perf_counter()
+        state = _warm_up(cfg, head, forward, step_fn, eval_fn, state, final_dev, train, batch_size, buckets, dtype,
+                         stored=len(stored_taps(spec, cfg.num_layers)), by_row=by_row,
+                         need_forward=train_builder is not None or dev_builder is not None)
+        compile_seconds = time.perf_counter() - t0
+
+    history, epoch_seconds, train_seconds = [], [], []
+    cache_hit = train_cache is not None
+    try:
+        for epoch in range(epochs):
+            began = time.perf_counter()
+            losses = []
+            live = train_cache is None
+            if live:
+                state, losses = _live_epoch(forward, step_fn, state, final_dev, stream, train, train_builder,
+                                            batch_size, buckets, by_row)
+                train_cache = train_builder.finish()
+                train_builder = None
+            else:
+                for batch in stream.epoch(epoch):
+                    side = _put(cached_batch(train_cache, batch), by_row)
+                    state, loss = step_fn(state, final_dev, side)
+                    losses.append(loss)
+            losses = np.asarray(jax.device_get(losses), np.float64)
+            trained = time.perf_counter() - began
+            record = {"epoch": epoch + 1, "source": "backbone" if live else "cache", "train_loss": float(losses.mean())}
+            if dev is not None:
+                if dev_cache is None:
+                    dev_cache = _fill(forward, dev, dev_builder, batch_size, buckets)
+                    dev_builder = None
+                record["dev"] = _evaluate(eval_fn, state.trainable, final_dev, dev_cache, dev, batch_size, buckets,
+                                          by_row, metric)
+            jax.block_until_ready(state)
+            epoch_seconds.append(time.perf_counter() - began)
+            train_seconds.append(trained)
+            record["seconds"] = epoch_seconds[-1]
+            history.append(record)
+            if log is not None:
+                log(record)
+    finally:
+        for builder in (train_builder, dev_builder):
+            if builder is not None:
+                builder.abort()
+
+    caches = [c for c in (train_cache, dev_cache) if c is not None]
+    summary = {
+        "method": "pac",
+        "epochs": history,
+        "epoch_seconds": epoch_seconds,
+        "train_seconds_per_epoch": train_seconds,
+        "compile_seconds": compile_seconds,
+        "key_seconds": key_seconds,
+        "cache_bytes": int(sum(c.disk_bytes if c.path is not None else c.nbytes for c in caches)),
+        "cache_tap_bytes": int(sum(c.nbytes for c in caches)),
+        "cache_paths": [str(c.path) for c in caches if c.path is not None],
+        "cache_dtype": dtype,
+        "cache_hit": cache_hit,
+        "epoch1_forward": forward_kind if not cache_hit else "none (cache hit)",
+        "devices": n_devices,
+        "steps_per_epoch": stream.steps_per_epoch,
+    }
+    if history and "dev" in history[-1]:
+        summary["dev"] = history[-1]["dev"]
+    return PacResult(jax.device_get(state.trainable), summary)
+
+
+def _default_metric(head: HeadConfig):
+    if head.kind == "regression":
+        from ringjax.data.metrics import pearson
+
+        return lambda p, y: {"pearson": pearson(p, y)}
+    return lambda p, y: {"accuracy": float(np.mean(np.asarray(p) == np.asarray(y)))}
+
+
+def _lookahead(iterable: Iterator, fn: Callable):
+    """Yield (item, fn(item)) with fn of the next item dispatched before the current one is consumed."""
+    it = iter(iterable)
+    try:
+        item = next(it)
+    except StopIteration:
+        return
+    pending = (item, fn(item))
+    for item in it:
+        nxt = (item, fn(item))
+        yield pending
+        pending = nxt
+    yield pending
+
+
+def _live_epoch(forward, step_fn, state, final, stream, train, builder, batch_size, buckets, by_row):
+    """Epoch 1: backbone taps train the side network and fill the cache (leftover rows too)."""
+    losses = []
+    for batch, taps in _lookahead(stream.epoch(0), forward):
+        host = np.asarray(taps)  # waits for the forward; the next batch's forward is already queued
+        state, loss = step_fn(state, final, _put(_side_batch(host, batch), by_row))
+        builder.write(batch["index"], host)  # overlaps the step just dispatched
+        losses.append(loss)
+    _fill(forward, train, builder, batch_size, buckets, finish=False)  # rows the epoch's plan left out
+    return state, losses
+
+
+def _fill(forward, encoded, builder, batch_size, buckets, finish=True):
+    """Run the backbone over every example not yet written, in bucketed batches, and store the taps."""
+    missing = builder.missing()
+    lengths = np.minimum(np.diff(encoded.offsets), buckets[-1])
+    plan = [missing[c] for c in _eval_plan(len(missing), lengths[missing], batch_size, buckets)]
+    batches = (token_batch(encoded, idx, _width(lengths, idx, buckets), batch_size) for idx in plan)
+    for batch, taps in _lookahead(batches, forward):
+        builder.write(batch["index"], np.asarray(taps))
+    return builder.finish() if finish else None
+
+
+def _evaluate(eval_fn, trainable, final, cache, encoded, batch_size, buckets, by_row, metric):
+    lengths = np.minimum(np.diff(encoded.offsets), buckets[-1])
+    preds = np.zeros(len(encoded), np.float32)
+    loss_sum = 0.0
+    outs = []
+    for idx in _eval_plan(len(encoded), lengths, batch_size, buckets):
+        batch = token_batch(encoded, idx, _width(lengths, idx, buckets), batch_size)
+        outs.append((batch["index"], eval_fn(trainable, final, _put(cached_batch(cache, batch), by_row))))
+    for index, (p, l) in outs:
+        real = index >= 0
+        preds[index[real]] = np.asarray(p)[real]
+        loss_sum += float(np.asarray(l)[real].sum())
+    labels = np.asarray(encoded.labels)
+    if np.issubdtype(labels.dtype, np.integer):
+        preds = preds.astype(labels.dtype)
+    return {**metric(preds, labels), "loss": loss_sum / max(len(encoded), 1)}
+
+
+def _warm_up(cfg, head, forward, step_fn, eval_fn, state, final, train, batch_size, buckets, dtype, stored, by_row,
+             need_forward):
+    """Compile every bucket shape of the forward, the step and the eval before any timing."""
+    labels_dtype = np.asarray(train.labels).dtype
+    throwaway = jax.tree.map(lambda x: x.copy(), state)
+    for width in buckets:
+        tokens = {
+            "input_ids": np.zeros((batch_size, width), np.int32),
+            "attention_mask": np.ones((batch_size, width), np.int32),
+            "token_type_ids": np.zeros((batch_size, width), np.int32),
+        }
+        if need_forward:
+            jax.block_until_ready(forward(tokens))
+        side = {
+            "taps": np.zeros((batch_size, width, stored, cfg.hidden_size), ac.DTYPES[dtype]),
+            "attention_mask": tokens["attention_mask"],
+            "labels": np.zeros((batch_size,), labels_dtype),
+            "example_mask": np.zeros((batch_size,), np.float32),
+        }
+        side = _put(side, by_row)
+        throwaway, _ = step_fn(throwaway, final, side)
+        jax.block_until_ready(eval_fn(state.trainable, final, side))
+    jax.block_until_ready(throwaway)
+    return state
+
+
+# ----------------------------------------------------------------------------- memory and bench
+
+
+def memory_bytes(compiled) -> dict:
+    """XLA's memory analysis of a compiled step.
+
+    peak_bytes = temp + argument + output (the brief's definition: an upper bound, since
+    donated outputs may reuse argument buffers); alias_bytes is that reuse, so
+    peak_bytes - alias_bytes is the tighter figure.
+    """
+    m = compiled.memory_analysis()
+    fields = {
+        "temp_bytes": int(m.temp_size_in_bytes),
+        "argument_bytes": int(m.argument_size_in_bytes),
+        "output_bytes": int(m.output_size_in_bytes),
+        "alias_bytes": int(m.alias_size_in_bytes),
+    }
+    fields["peak_bytes"] = fields["temp_bytes"] + fields["argument_bytes"] + fields["output_bytes"]
+    return fields
+
+
+def step_memory(kind: str, cfg: ModelConfig, head: HeadConfig, params: dict, optimizer, batch_size: int, width: int,
+                spec: PeftConfig | None = None, dtype="float32", mesh=None) -> dict:
+    """Peak bytes of one training step: kind 'pac' (cached taps), or any PEFT preset via make_train_step."""
+    from ringjax.peft import leaf_mask, split
+    from ringjax.train.step import make_train_step
+
+    tokens = {
+        "input_ids": np.zeros((batch_size, width), np.int32),
+        "attention_mask": np.ones((batch_size, width), np.int32),
+        "token_type_ids": np.zeros((batch_size, width), np.int32),
+        "labels": np.zeros((batch_size,), np.int32 if head.kind == "classification" else np.float32),
+        "example_mask": np.ones((batch_size,), np.float32),
+    }
+    if kind == "pac":
+        trainable, frozen = split_params(params)
+        state = init_state(optimizer, trainable)
+        k = len(stored_taps(spec, cfg.num_layers))
+        batch = {
+            "taps": np.zeros((batch_size, width, k, cfg.hidden_size), ac.DTYPES[ac.dtype_name(dtype)]),
+            **{x: tokens[x] for x in ("attention_mask", "labels", "example_mask")},
+        }
+        step = make_side_step(cfg, spec, head, optimizer, mesh)
+        if mesh is not None:
+            rep, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA))
+            state, batch, final = jax.device_put(state, rep), jax.device_put(batch, rows), jax.device_put(frozen["final"], rep)
+        else:
+            final = frozen["final"]
+        compiled = step.lower(state, final, batch).compile()
+        return memory_bytes(compiled) | {"per_device": mesh is not None}
+    spec = spec or _preset(kind)
+    trainable, frozen = split(params, leaf_mask(params, spec))
+    state = init_state(optimizer, trainable)
+    step = make_train_step(cfg, spec, head, optimizer, params, cfg.num_layers if spec.kind != "top-t" else spec.top_t)
+    return memory_bytes(step.lower(state, frozen, tokens).compile()) | {"per_device": False}
+
+
+def _preset(name):
+    from ringjax.peft import preset
+
+    return preset(name)
+
+
+def bench_pac(
+    cfg: ModelConfig,
+    head: HeadConfig,
+    base: dict,
+    train,
+    dev,
+    *,
+    n_devices: int = 4,
+    epochs: int = 2,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    baseline_lr: dict | None = None,
+    cache_dir=None,
+    dtype="bfloat16",
+    seed: int = 0,
+    memory_width: int | None = None,
+    baselines: tuple[str, ...] = ("full", "houlsby"),
+    baseline_epochs: int | None = None,
+    log: Callable[[dict], None] | None = None,
+) -> dict:
+    """PAC against full fine-tuning and Houlsby adapters on the same data, in one run.
+
+    base: backbone params {embed, blocks, final}. Reports, per method, epoch seconds (after
+    compilation, which is reported apart), dev metrics, and the training step's peak bytes
+    from XLA's memory analysis at batch `batch_size` x `memory_width` tokens (default the data's
+    max length): PAC's single-device cached step (and its per-device data-parallel step)
+    against `make_train_step` for the baselines. `baseline_epochs` (default `epochs`) lets a
+    bench time fewer baseline epochs; their per-epoch time does not change.
+    """
+    from ringjax.models.model import assemble
+    from ringjax.peft import preset
+    from ringjax.train.optim import OptimConfig, make_optimizer
+
+    key = jax.random.key(seed)
+    buckets = default_buckets(train.max_length)
+    stream = BatchStream(train, batch_size, seed=seed, buckets=buckets)
+    steps = stream.steps_per_epoch
+    width = memory_width or train.max_length
+    baseline_lr = {"full": 5e-5, "houlsby": lr, **(baseline_lr or {})}
+    out = {"n_devices": n_devices, "batch_size": batch_size, "train_examples": len(train),
+           "dev_examples": 0 if dev is None else len(dev), "memory_tokens": [batch_size, width], "methods": {}}
+
+    spec = preset("parallel")
+    params = assemble(cfg, base, head, spec, key)
+    optimizer = make_optimizer(OptimConfig(lr=lr), epochs * steps)
+    result = train_pac(cfg, spec, head, params, train, dev, n_devices, epochs, batch_size, optimizer, cache_dir,
+                       dtype, seed=seed, buckets=buckets, log=log)
+    mesh = data_mesh(jax.devices()[:n_devices]) if n_devices > 1 else None
+    pac = {
+        **{k: result.summary[k] for k in ("epoch_seconds", "train_seconds_per_epoch", "compile_seconds", "cache_bytes",
+                                            "cache_dtype", "epoch1_forward")},
+        "dev": result.summary.get("dev"),
+        "total_seconds": float(sum(result.summary["epoch_seconds"])),
+        "memory": step_memory("pac", cfg, head, params, optimizer, batch_size, width, spec, dtype),
+    }
+    if mesh is not None:
+        pac["memory_data_parallel"] = step_memory("pac", cfg, head, params, optimizer, batch_size, width, spec, dtype,
+                                                   mesh)
+    out["methods"]["pac"] = pac
+    for name in baselines:
+        bspec = preset(name)
+        bparams = assemble(cfg, base, head, bspec, key)
+        b_epochs = baseline_epochs or epochs
+        boptim = make_optimizer(OptimConfig(lr=baseline_lr.get(name, lr)), epochs * steps)
+        entry = train_baseline(cfg, bspec, head, bparams, train, dev, b_epochs, batch_size, boptim, seed=seed,
+                               buckets=buckets, log=log)
+        entry["memory"] = step_memory(name, cfg, head, bparams, boptim, batch_size, width, bspec)
+        out["methods"][name] = entry
+    full = out["methods"].get("full")
+    hou = out["methods"].get("houlsby")
+    secs = pac["epoch_seconds"]
+    out["ratios"] = {
+        "epoch2_over_epoch1": secs[1] / secs[0] if len(secs) > 1 else None,
+        "pac_over_full_peak_bytes": pac["memory"]["peak_bytes"] / full["memory"]["peak_bytes"] if full else None,
+        "houlsby_over_pac_total_seconds": (
+            np.mean(hou["epoch_seconds"]) * epochs / pac["total_seconds"] if hou else None
+        ),
+    }
+    return out
+
+
+def train_baseline(cfg, spec, head, params, train, dev, epochs, batch_size, optimizer, *, seed=0, buckets=None,
+                   warmup=True, log=None) -> dict:
+    """Single-device training with the core step (`make_train_step`), timed per epoch like PAC."""
+    from ringjax.models.backbone import forward as model_forward
+    from ringjax.peft import leaf_mask, merge, split
+    from ringjax.train.step import make_train_step
+
+    buckets = tuple(buckets or default_buckets(train.max_length))
+    trainable, frozen = split(params, leaf_mask(params, spec))
+    state = init_state(optimizer, trainable)
+    depth = cfg.num_layers if spec.kind != "top-t" else spec.top_t
+    step = make_train_step(cfg, spec, head, optimizer, params, depth)
+    eval_fn = jax.jit(lambda p, b: predictions(head, model_forward(cfg, spec, head, p, b).logits))
+    stream = BatchStream(train, batch_size, seed=seed, buckets=buckets)
+    compile_seconds = 0.0
+    if warmup:
+        t0 = time.perf_counter()
+        throwaway = jax.tree.map(lambda x: x.copy(), state)
+        for width in buckets:
+            b = token_batch(train, np.arange(min(batch_size, len(train))), width, batch_size)
+            b = {k: v for k, v in b.items() if k != "index"}
+            throwaway, _ = step(throwaway, frozen, {**b, "example_mask": np.zeros_like(b["example_mask"])})
+            jax.block_until_ready(eval_fn(merge(state.trainable, frozen), b))
+        jax.block_until_ready(throwaway)
+        compile_seconds = time.perf_counter() - t0
+    metric = _default_metric(head)
+    history, seconds = [], []
+    for epoch in range(epochs):
+        began = time.perf_counter()
+        losses = []
+        for batch in stream.epoch(epoch):
+            state, m = step(state, frozen, {k: v for k, v in batch.items() if k != "index"})
+            losses.append(m["loss"])
+        record = {"epoch": epoch + 1, "train_loss": float(np.mean(jax.device_get(losses)))}
+        if dev is not None:
+            lengths = np.minimum(np.diff(dev.offsets), buckets[-1])
+            preds = np.zeros(len(dev), np.asarray(dev.labels).dtype)
+            p_all = merge(state.trainable, frozen)
+            for idx in _eval_plan(len(dev), lengths, batch_size, buckets):
+                b = token_batch(dev, idx, _width(lengths, idx, buckets), batch_size)
+                p = np.asarray(eval_fn(p_all, {k: v for k, v in b.items() if k != "index"}))
+                real = b["index"] >= 0
+                preds[b["index"][real]] = p[real]
+            record["dev"] = metric(preds, dev.labels)
+        jax.block_until_ready(state)
+        seconds.append(time.perf_counter() - began)
+        record["seconds"] = seconds[-1]
+        history.append(record)
+        if log is not None:
+            log({"method": spec.kind, **record})
+    return {"epoch_seconds": seconds, "compile_seconds": compile_seconds, "epochs": history,
+            "dev": history[-1].get("dev") if history else None, "total_seconds": float(sum(seconds))}

@@ -1,0 +1,72 @@
+"""The `stage` mesh: emulated host devices, real accelerators, or several processes.
+
+One program runs unchanged in all three settings. Emulated devices come from
+`XLA_FLAGS=--xla_force_host_platform_device_count=N` (set before jax is imported); several
+processes join through JAX's distributed runtime, which `maybe_initialize_distributed` starts
+when the launcher's environment variables are set (CPU collectives then go through gloo).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ringjax.errors import RingjaxError
+
+AXIS = "stage"
+ENV_COORDINATOR = "RINGJAX_COORDINATOR"
+ENV_NUM_PROCESSES = "RINGJAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "RINGJAX_PROCESS_ID"
+
+_initialized = False
+
+
+def maybe_initialize_distributed() -> bool:
+    """Join the multi-process run the launcher started (no-op without its env vars). True if joined."""
+    global _initialized
+    address = os.environ.get(ENV_COORDINATOR)
+    if not address:
+        return False
+    if _initialized:
+        return True
+    num = int(os.environ[ENV_NUM_PROCESSES])
+    pid = int(os.environ[ENV_PROCESS_ID])
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only affects CPU devices
+    jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
+    _initialized = True
+    return True
+
+
+def make_stage_mesh(num_stages: int | None = None, devices=None) -> Mesh:
+    """A 1-D mesh with axis `stage` over the first `num_stages` devices (all processes' devices)."""
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices) if num_stages is None else int(num_stages)
+    if n < 1:
+        raise RingjaxError(f"a ring needs at least one device; got {n}")
+    if n > len(devices):
+        kind = devices[0].platform if devices else "cpu"
+        hint = (
+            f"set XLA_FLAGS=--xla_force_host_platform_device_count={n} before starting (emulated CPU devices)"
+            if kind == "cpu" else "use fewer devices"
+        )
+        raise RingjaxError(f"{n} devices asked for but only {len(devices)} {kind} devices are visible; {hint}")
+    return Mesh(np.array(devices[:n]), (AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def put(x, mesh: Mesh, spec: P = P()):
+    """Place a host value on the mesh with `spec`; works in multi-process runs (every process
+    passes the same global value and only its own devices' pieces are copied)."""
+    host = np.asarray(x)
+    sharding = NamedSharding(mesh, spec)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def put_tree(tree, mesh: Mesh, spec: P = P()):
+    return jax.tree.map(lambda x: put(x, mesh, spec), tree)

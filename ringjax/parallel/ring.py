@@ -1,0 +1,431 @@
+"""The ring pipeline engine: explicit forward and backward ticks under `shard_map`.
+
+Layout. Device d of the `stage` mesh axis holds stage d's frozen blocks (stages padded to the
+largest stage along the layer axis, so every device's slab has one shape), the frozen embedding,
+the final norm and the head. The global batch of B examples is cut into M microbatches of B/M;
+microbatch m is owned by device m % N, and each device receives only its own microbatches'
+input ids, attention masks and labels. Ids and masks (never labels) are all-gathered, because
+stage 0 embeds every microbatch and every stage needs the attention masks.
+
+A step is a `lax.scan` over the ticks of a `PipelineSchedule`. In each tick every device reads
+its row of the schedule's tables and runs at most one of:
+- forward: `lax.cond` on "my action is fwd", then `lax.switch` over the distinct stage
+  programs (one per device configuration: number of blocks, unfreeze cut inside the stage,
+  whether the input gradient is needed). Frozen layers run plainly; the trainable suffix runs
+  under `jax.vjp` and its residuals are packed into a per-device slot buffer (or, with
+  `residuals="recompute"`, only the activation at the cut is kept);
+- backward: `lax.cond` on "my action is bwd", then the stage program's pullback from the
+  stored residuals, giving adapter gradients (accumulated) and, only where the stage below
+  trains, the input gradient.
+Conditions on device-varying predicates run only the taken branch, so idle ticks (bubbles),
+frozen stages (which never get a bwd action and keep no residuals) and devices that own no
+head work cost no compute. Stages wholly below the unfreeze depth get no backward actions at
+all, and the depth is static: each depth compiles its own, shorter schedule.
+
+Transfers at the end of a tick: `ppermute` to the next stage (activations) and to the previous
+stage (gradients); the last stage's output goes to the microbatch's owner, and the owner's loss
+gradient comes back (the shift changes per tick, so it is a `lax.switch` over the N static
+shifts on a tick-uniform index). The owner applies the final norm, head and loss with its own
+labels. Loss and head gradients are summed over devices (`psum`) at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+from ringjax.errors import RingjaxError
+from ringjax.models.backbone import arch, embed as embed_tokens
+from ringjax.models.config import ModelConfig
+from ringjax.models.heads import HeadConfig, apply_head, example_losses
+from ringjax.models.layers import attention_bias
+from ringjax.parallel.mesh import AXIS, put
+from ringjax.parallel.placement import Placement
+from ringjax.parallel.schedules import BWD, FWD, PipelineSchedule, build_schedule
+from ringjax.peft.config import PeftConfig
+
+RESIDUAL_MODES = ("keep", "recompute")
+DATA_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels", "example_mask")
+
+
+@dataclass(frozen=True)
+class StageProgram:
+    """What one device computes: `size` blocks, of which the first `cut` are frozen; `dx`: the
+    stage below trains, so the input gradient is needed; `first`: stage 0 (it embeds)."""
+
+    size: int
+    cut: int
+    dx: bool
+
+    @property
+    def trains(self) -> bool:
+        return self.cut < self.size
+
+
+def _zeros_like(tree):
+    return jax.tree.map(jnp.zeros_like, tree)
+
+
+def _layer(tree, j):
+    return jax.tree.map(lambda x: x[j], tree)
+
+
+class RingPipeline:
+    """One compiled ring step for a fixed (placement, microbatches, unfreeze depth)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        spec: PeftConfig,
+        head: HeadConfig,
+        mesh: Mesh,
+        placement: Placement,
+        num_microbatches: int,
+        depth: int,
+        schedule: str = "gpipe",
+        residuals: str = "keep",
+    ):
+        if spec.kind not in ("adapter", "lora"):
+            raise RingjaxError(
+                f"RingAda trains adapters or LoRA inside the pipeline stages; PEFT kind {spec.kind!r} is not "
+                f"supported (use --peft houlsby, pfeiffer or lora)"
+            )
+        if residuals not in RESIDUAL_MODES:
+            raise RingjaxError(f"unknown residual mode {residuals!r}; choose one of {RESIDUAL_MODES}")
+        N = mesh.shape[AXIS]
+        if placement.num_stages != N:
+            raise RingjaxError(f"placement has {placement.num_stages} stages but the mesh has {N} devices")
+        L = cfg.num_layers
+        if placement.num_layers != L:
+            raise RingjaxError(f"placement covers {placement.num_layers} blocks but the model has {L}")
+        if not 0 <= depth <= L:
+            raise RingjaxError(f"unfreeze depth {depth} is outside 0..{L}")
+        if num_microbatches < 1:
+            raise RingjaxError(f"need at least one microbatch; got {num_microbatches}")
+        self.cfg, self.spec, self.head, self.mesh = cfg, spec, head, mesh
+        self.placement, self.M, self.depth, self.N = placement, int(num_microbatches), int(depth), N
+        self.residuals = residuals
+        cut = L - depth
+        self.programs = [
+            StageProgram(size=s, cut=min(max(cut - a, 0), s), dx=cut < a)
+            for a, s in zip(placement.starts, placement.sizes)
+        ]
+        self.branches = list(dict.fromkeys(self.programs))
+        self.branch_of_device = np.array([self.branches.index(p) for p in self.programs], np.int32)
+        self.schedule: PipelineSchedule = build_schedule(schedule, N, self.M, [p.trains for p in self.programs])
+        self.tables = self.schedule.engine_tables()
+        self._plans: dict[StageProgram, tuple] = {}  # residual layout of each trainable program
+        self._stash_sizes: dict | None = None
+        self._pad = np.array(placement.padded_index(), np.int32)
+        self._unpad = np.array(placement.unpadded_index(), np.int32)
+        self._block = arch(cfg).block
+        self._step = jax.jit(self.loss_and_grads)
+
+    # ---- layout -------------------------------------------------------------------------
+    def stage_tree(self, tree):
+        """(L, ...) stacked leaves -> (N * max_size, ...) in stage order (device d owns rows d*S..)."""
+        return jax.tree.map(lambda x: jnp.take(x, self._pad, axis=0), tree)
+
+    def unstage_tree(self, tree):
+        return jax.tree.map(lambda x: jnp.take(x, self._unpad, axis=0), tree)
+
+    def place_frozen(self, frozen: dict) -> dict:
+        """The frozen parts on the mesh: blocks split by stage, embedding and final norm on every device."""
+        blocks = jax.tree.map(lambda x: put(np.asarray(x)[self._pad], self.mesh, P(AXIS)), frozen["blocks"])
+        return {
+            "blocks": blocks,
+            "embed": jax.tree.map(lambda x: put(x, self.mesh), frozen["embed"]),
+            "final": jax.tree.map(lambda x: put(x, self.mesh), frozen.get("final", {})),
+        }
+
+    def microbatch_size(self, batch_size: int) -> int:
+        if batch_size % self.M:
+            raise RingjaxError(f"batch size {batch_size} is not a multiple of {self.M} microbatches; change --batch-size or --microbatches")
+        return batch_size // self.M
+
+    def owner_order(self) -> np.ndarray:
+        """Row r of the owner layout holds microbatch owner_order()[r] (-1: padding)."""
+        K = -(-self.M // self.N)
+        order = np.full(self.N * K, -1, np.int64)
+        for m in range(self.M):
+            order[(m % self.N) * K + m // self.N] = m
+        return order
+
+    def shard_batch(self, batch: dict) -> dict:
+        """Global batch (B, ...) -> owner layout (N*K, B/M, ...), each device holding only its microbatches."""
+        B = int(np.shape(batch["input_ids"])[0])
+        mb = self.microbatch_size(B)
+        order = self.owner_order()
+        out = {}
+        for key in DATA_KEYS:
+            if key not in batch:
+                continue
+            x = np.asarray(batch[key]).reshape(self.M, mb, *np.shape(batch[key])[1:])
+            rows = np.zeros((len(order), *x.shape[1:]), x.dtype)
+            rows[order >= 0] = x[order[order >= 0]]
+            out[key] = put(rows, self.mesh, P(AXIS))
+        return out
+
+    # ---- per-stage programs -------------------------------------------------------------
+    def _run(self, W, Pf, h, bias, start, stop):
+        for j in range(start, stop):
+            h = self._block(self.cfg, W[j], h, bias, Pf[j], self.spec)
+        return h
+
+    def _suffix(self, prog: StageProgram, W, bias):
+        def f(pf_suffix, h):
+            for j, pf in zip(range(prog.cut, prog.size), pf_suffix):
+                h = self._block(self.cfg, W[j], h, bias, pf, self.spec)
+            return h
+
+        return f
+
+    def _available(self, prog, W, Pf, bias):
+        """Values the backward tick has anyway (weights, adapters, mask bias): never stashed."""
+        return jax.tree.leaves((W[prog.cut:prog.size], Pf[prog.cut:prog.size])) + [bias]
+
+    def _stage_fwd(self, prog: StageProgram, blocks, peft, h, bias):
+        """(output, residual leaves to keep) of one microbatch through one stage."""
+        W = [_layer(blocks, j) for j in range(prog.size)]
+        Pf = [_layer(peft, j) for j in range(prog.size)]
+        h = self._run(W, Pf, h, bias, 0, prog.cut)
+        if not prog.trains:
+            return h, []
+        f = self._suffix(prog, W, bias)
+        if self.residuals == "recompute":
+            self._plans[prog] = (None, None, [(h.shape, h.dtype)])
+            return f(Pf[prog.cut:], h), [h]
+        if prog.dx:
+            out, vjp = jax.vjp(f, Pf[prog.cut:], h)
+        else:
+            out, vjp = jax.vjp(lambda pf: f(pf, h), Pf[prog.cut:])
+        leaves, treedef = jax.tree.flatten(vjp)
+        avail = self._available(prog, W, Pf, bias)
+        plan, kept = [], []
+        for leaf in leaves:
+            hit = next((i for i, a in enumerate(avail) if leaf is a), None)
+            if hit is None:
+                plan.append(("kept", len(kept)))
+                kept.append(leaf)
+            else:
+                plan.append(("avail", hit))
+        self._plans[prog] = (treedef, plan, [(k.shape, k.dtype) for k in kept])
+        return out, kept
+
+    def _stage_bwd(self, prog: StageProgram, blocks, peft, kept, bias, g):
+        """(adapter gradients for the stage's padded slab, input gradient or zeros)."""
+        W = [_layer(blocks, j) for j in range(prog.size)]
+        Pf = [_layer(peft, j) for j in range(prog.size)]
+        f = self._suffix(prog, W, bias)
+        if self.residuals == "recompute":
+            (h,) = kept
+            if prog.dx:
+                _, vjp = jax.vjp(f, Pf[prog.cut:], h)
+            else:
+                _, vjp = jax.vjp(lambda pf: f(pf, h), Pf[prog.cut:])
+        else:
+            treedef, plan, _ = self._plans[prog]
+            avail = self._available(prog, W, Pf, bias)
+            vjp = jax.tree.unflatten(treedef, [avail[i] if src == "avail" else kept[i] for src, i in plan])
+        cts = vjp(g)
+        g_h = cts[1] if prog.dx else jnp.zeros_like(g)
+        S = self.placement.max_size
+        g_peft = jax.tree.map(
+            lambda *per_layer: jnp.concatenate(
+                [jnp.zeros((prog.cut, *per_layer[0].shape), per_layer[0].dtype), jnp.stack(per_layer),
+                 jnp.zeros((S - prog.size, *per_layer[0].shape), per_layer[0].dtype)]
+            ),
+            *cts[0],
+        )
+        return g_peft, g_h
+
+    # ---- residual packing ---------------------------------------------------------------
+    def _residual_layout(self, local_blocks, local_peft, mb_shape):
+        """Trace every trainable program once (abstractly) to size the per-dtype residual slots."""
+        abstract = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)  # noqa: E731
+        local_blocks, local_peft = abstract(local_blocks), abstract(local_peft)
+        h = jax.ShapeDtypeStruct((*mb_shape, self.cfg.hidden_size), jnp.float32)
+        bias = jax.ShapeDtypeStruct((mb_shape[0], 1, mb_shape[1], mb_shape[1]), jnp.float32)
+        sizes: dict = {}
+        for prog in self.branches:
+            if not prog.trains:
+                continue
+            kept = jax.eval_shape(lambda b, p, h, bias: self._stage_fwd(prog, b, p, h, bias)[1], local_blocks, local_peft, h, bias)
+            per: dict = {}
+            for k in kept:
+                per[jnp.dtype(k.dtype)] = per.get(jnp.dtype(k.dtype), 0) + int(np.prod(k.shape))
+            for dt, n in per.items():
+                sizes[dt] = max(sizes.get(dt, 0), n)
+        return {str(dt): n for dt, n in sizes.items()}
+
+    def _pack(self, kept, sizes):
+        out = {}
+        for name, size in sizes.items():
+            parts = [k.reshape(-1) for k in kept if str(jnp.dtype(k.dtype)) == name]
+            flat = jnp.concatenate(parts) if parts else jnp.zeros((0,), name)
+            out[name] = jnp.pad(flat, (0, size - flat.shape[0]))
+        return out
+
+    def _unpack(self, prog, packed):
+        _, _, layout = self._plans[prog]
+        offsets = {name: 0 for name in packed}
+        kept = []
+        for shape, dtype in layout:
+            name = str(jnp.dtype(dtype))
+            n = int(np.prod(shape))
+            kept.append(packed[name][offsets[name]:offsets[name] + n].reshape(shape))
+            offsets[name] += n
+        return kept
+
+    # ---- the step -----------------------------------------------------------------------
+    def loss_and_grads(self, trainable: dict, frozen: dict, data: dict):
+        """Mean loss over the global batch and gradients shaped like `trainable` (None holes kept).
+
+        trainable: the single-device trainable tree (head + peft blocks); frozen: `place_frozen`'s
+        output; data: `shard_batch`'s output.
+        """
+        peft_staged = self.stage_tree(trainable["peft"]["blocks"])
+        body = jax.shard_map(
+            self._device_step,
+            mesh=self.mesh,
+            in_specs=(P(AXIS), P(), P(), P(), P(AXIS), {k: P(AXIS) for k in data}),
+            out_specs=(P(), P(), P(AXIS)),
+            check_vma=False,
+        )
+        loss, g_head, g_peft = body(peft_staged, trainable["head"], frozen["embed"], frozen["final"], frozen["blocks"], data)
+        grads = dict(trainable)
+        grads["head"] = g_head
+        grads["peft"] = {**trainable["peft"], "blocks": self.unstage_tree(g_peft)}
+        return loss, grads
+
+    def __call__(self, trainable, frozen, data):
+        return self._step(trainable, frozen, data)
+
+    def _device_step(self, peft, head_p, embed_p, final_p, blocks, data):
+        cfg, N, M, T = self.cfg, self.N, self.M, self.tables
+        d = jax.lax.axis_index(AXIS)
+        K = data["input_ids"].shape[0]
+        mb, seq = data["input_ids"].shape[1:3]
+        H = cfg.hidden_size
+        gathered = {k: jax.lax.all_gather(data[k], AXIS) for k in ("input_ids", "attention_mask", "token_type_ids") if k in data}
+
+        def of_mb(key, m):
+            return gathered[key][m % N, m // N]
+
+        if "example_mask" in data:
+            count = jnp.maximum(jax.lax.psum(data["example_mask"].sum(), AXIS), 1.0)
+        else:
+            count = float(M * mb)
+
+        if self._stash_sizes is None or self._stash_sizes[0] != (mb, seq):
+            sizes = self._residual_layout(blocks, peft, (mb, seq))
+            self._stash_sizes = ((mb, seq), sizes)
+        sizes = self._stash_sizes[1]
+        if not any(p.trains for p in self.programs):
+            sizes = {}
+        S = self.schedule.slots
+        branch = jnp.asarray(self.branch_of_device)[d]
+        hshape = (mb, seq, H)
+
+        def fwd_branch(prog):
+            def run(blocks, peft, h, bias):
+                out, kept = self._stage_fwd(prog, blocks, peft, h, bias)
+                return out, self._pack(kept, sizes)
+            return run
+
+        def bwd_branch(prog):
+            def run(blocks, peft, packed, bias, g):
+                if not prog.trains:
+                    return _zeros_like(peft), jnp.zeros_like(g)
+                kept = self._unpack(prog, packed)
+                return self._stage_bwd(prog, blocks, peft, kept, bias, g)
+            return run
+
+        fwd_fns = [fwd_branch(p) for p in self.branches]
+        bwd_fns = [bwd_branch(p) for p in self.branches]
+        arch_mod = arch(cfg)
+
+        def head_loss(hp, h, mask, labels, weight):
+            h = arch_mod.final(cfg, final_p, h)
+            logits = apply_head(cfg, self.head, hp, h, mask, embed_p)
+            return jnp.sum(example_losses(self.head, logits, labels) * weight) / count
+
+        head_grad = jax.value_and_grad(head_loss, argnums=(0, 1))
+
+        def shift(x, k):
+            return jax.lax.ppermute(x, AXIS, [(i, (i + k) % N) for i in range(N)]) if k % N else x
+
+        fwd_perm = [(i, i + 1) for i in range(N - 1)]
+        bwd_perm = [(i + 1, i) for i in range(N - 1)]
+
+        def tick(carry, row):
+            act, gin, stash, head_in, g_peft, g_head, loss = carry
+            kind, m, slot = row["kind"][d], row["mb"][d], row["slot"][d]
+            bias = attention_bias(of_mb("attention_mask", m), cfg.causal)
+
+            def do_fwd():
+                def embedded():
+                    b = {"input_ids": of_mb("input_ids", m), "attention_mask": of_mb("attention_mask", m)}
+                    if "token_type_ids" in gathered:
+                        b["token_type_ids"] = of_mb("token_type_ids", m)
+                    return embed_tokens(cfg, {"embed": embed_p}, b)
+
+                h_in = jax.lax.cond(d == 0, embedded, lambda: act[m])
+                return jax.lax.switch(branch, fwd_fns, blocks, peft, h_in, bias)
+
+            def no_fwd():
+                return jnp.zeros(hshape, jnp.float32), {k: jnp.zeros((n,), k) for k, n in sizes.items()}
+
+            h_out, packed = jax.lax.cond(kind == FWD, do_fwd, no_fwd)
+            write = jnp.where(kind == FWD, slot, S)
+            new_stash = {k: jax.lax.dynamic_update_index_in_dim(stash[k], packed[k], write, 0) for k in stash}
+
+            def do_bwd():
+                return jax.lax.switch(branch, bwd_fns, blocks, peft, {k: stash[k][slot] for k in stash}, bias, gin[m])
+
+            def no_bwd():
+                return _zeros_like(peft), jnp.zeros(hshape, jnp.float32)
+
+            g_peft_m, g_h = jax.lax.cond(kind == BWD, do_bwd, no_bwd)
+            g_peft = jax.tree.map(jnp.add, g_peft, g_peft_m)
+
+            hl = row["head_local"]
+
+            def do_head():
+                weight = data["example_mask"][hl] if "example_mask" in data else jnp.ones((mb,), jnp.float32)
+                value, (gh, gx) = head_grad(head_p, head_in, data["attention_mask"][hl], data["labels"][hl], weight)
+                return value, gh, gx
+
+            def no_head():
+                return jnp.zeros((), jnp.float32), _zeros_like(head_p), jnp.zeros(hshape, jnp.float32)
+
+            loss_m, g_head_m, g_final = jax.lax.cond(d == row["head_owner"], do_head, no_head)
+            loss = loss + loss_m
+            g_head = jax.tree.map(jnp.add, g_head, g_head_m)
+
+            zero = lambda: jnp.zeros(hshape, jnp.float32)  # noqa: E731
+            fwd_msg = jax.lax.cond(row["fwd_any"] > 0, lambda: jax.lax.ppermute(h_out, AXIS, fwd_perm), zero) if N > 1 else zero()
+            bwd_msg = jax.lax.cond(row["bwd_any"] > 0, lambda: jax.lax.ppermute(g_h, AXIS, bwd_perm), zero) if N > 1 else zero()
+            head_msg = jax.lax.switch(row["send_head"], [lambda x, k=k: shift(x, k) for k in range(N)], h_out)
+            grad_msg = jax.lax.switch(row["send_grad"], [lambda x, k=k: shift(x, -k) for k in range(N)], g_final)
+            act = jax.lax.dynamic_update_index_in_dim(act, fwd_msg, row["recv_act"][d], 0)
+            gin = jax.lax.dynamic_update_index_in_dim(gin, jnp.where(d == N - 1, grad_msg, bwd_msg), row["recv_grad"][d], 0)
+            return (act, gin, new_stash, head_msg, g_peft, g_head, loss), None
+
+        carry = (
+            jnp.zeros((M + 1, *hshape), jnp.float32),
+            jnp.zeros((M + 1, *hshape), jnp.float32),
+            {k: jnp.zeros((S + 1, n), k) for k, n in sizes.items()},
+            jnp.zeros(hshape, jnp.float32),
+            _zeros_like(peft),
+            _zeros_like(head_p),
+            jnp.zeros((), jnp.float32),
+        )
+        rows = {k: jnp.asarray(v) for k, v in T.items()}
+        (_, _, _, _, g_peft, g_head, loss), _ = jax.lax.scan(tick, carry, rows)
+        del K
+        return jax.lax.psum(loss, AXIS), jax.lax.psum(g_head, AXIS), g_peft

@@ -1,0 +1,115 @@
+import dataclasses
+
+import pytest
+
+from ringjax.errors import RingjaxError
+from ringjax.plan.costs import block_costs, hidden_state_bytes, top_layers
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    arch: str = "bert"
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_layers: int = 12
+    num_heads: int = 12
+    num_kv_heads: int = 12
+    vocab_size: int = 30522
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    kind: str = "adapter"
+    adapter_sites: tuple = ("attn", "ffn")
+    reduction_factor: int = 16
+    lora_rank: int = 8
+    lora_targets: tuple = ()
+    top_t: int = 2
+    side_reduction: int = 8
+
+
+BERT_BASE = Shape()
+B, S = 4, 128
+T = B * S
+h, f = 768, 3072
+LAYER_FWD = 24 * T * h * h + 4 * B * S * S * h  # projections (f = 4h) + attention core
+
+
+def test_bert_base_layer_forward_and_parameters():
+    for cost in block_costs(BERT_BASE, Method(kind="full"), B, S):
+        assert cost.fwd_flops == LAYER_FWD
+        assert cost.params == 7_087_872  # a BERT-base encoder layer
+    assert hidden_state_bytes(BERT_BASE, B, S) == T * h * 4
+
+
+def test_full_fine_tuning_backward_is_twice_the_forward_above_the_bottom():
+    costs = block_costs(BERT_BASE, Method(kind="full"), B, S)
+    assert all(c.trainable_params == c.params for c in costs)
+    top = costs[-1]
+    core = 4 * B * S * S * h
+    assert top.bwd_input_flops == LAYER_FWD + core  # the attention core's backward is twice its forward
+    assert top.bwd_weight_flops == LAYER_FWD - core
+    # the bottom layer does not pass a gradient to its input: no q, k, v input gradients
+    assert costs[0].bwd_input_flops == top.bwd_input_flops - 3 * 2 * T * h * h
+
+
+def test_unfreezing_depth_stops_the_backward():
+    method = Method(kind="adapter")
+    costs = block_costs(BERT_BASE, method, B, S, trained=top_layers(12, 3))
+    assert [c.bwd_input_flops + c.bwd_weight_flops == 0 for c in costs] == [True] * 9 + [False] * 3
+    assert [c.residual_bytes == 0 for c in costs] == [True] * 9 + [False] * 3
+    width = h // 16
+    assert costs[-1].trainable_params == 2 * (2 * h * width + width + h)
+    assert costs[0].trainable_params == 0
+    # Houlsby's lowest adapter sits after attention: the lowest trained layer backpropagates
+    # through its FFN and the FFN adapter only
+    assert costs[9].bwd_input_flops == 2 * 2 * T * h * f + 4 * T * h * width
+
+
+def test_pfeiffer_lowest_layer_needs_no_input_gradient_and_lora_counts_its_targets():
+    pfeiffer = block_costs(BERT_BASE, Method(kind="adapter", adapter_sites=("ffn",)), B, S)
+    assert pfeiffer[0].bwd_input_flops == 0 and pfeiffer[1].bwd_input_flops > 0
+    lora = block_costs(BERT_BASE, Method(kind="lora"), B, S)
+    assert lora[0].trainable_params == 2 * 8 * (h + h)  # query and value
+    gpt2 = block_costs(Shape(arch="gpt2"), Method(kind="lora"), B, S)
+    assert gpt2[0].trainable_params == 8 * (h + 3 * h)  # the fused qkv projection
+
+
+def test_parallel_adapters_never_backpropagate_through_the_backbone():
+    full = block_costs(BERT_BASE, Method(kind="full"), B, S)
+    side = block_costs(BERT_BASE, Method(kind="parallel"), B, S)
+    width = h // 8
+    for c, backbone in zip(side, full):
+        assert c.trainable_params == h * width + width + width * width + 2 * width + 4 * width * width
+        assert c.params == backbone.params + c.trainable_params
+        assert c.bwd_input_flops + c.bwd_weight_flops < 0.1 * c.fwd_flops
+
+
+def test_top_t_and_deft_blocks():
+    costs = block_costs(BERT_BASE, Method(kind="top-t", top_t=2), B, S)
+    assert [c.trainable_params > 0 for c in costs] == [False] * 10 + [True] * 2
+    # DEFT: training only layer 5's adapters still backpropagates through layers 6..11
+    deft = block_costs(BERT_BASE, Method(), B, S, trained=[5])
+    assert all(c.bwd_weight_flops == 0 and c.bwd_input_flops > 0 for c in deft[6:])
+    assert all(c.bwd_input_flops == c.bwd_weight_flops == 0 for c in deft[:5])
+    assert deft[5].bwd_weight_flops > 0
+
+
+def test_llama_grouped_query_attention():
+    shape = Shape(arch="llama", hidden_size=512, intermediate_size=1376, num_layers=2, num_heads=8, num_kv_heads=2)
+    cost = block_costs(shape, Method(kind="full"), B, S)[0]
+    d, kv = 64, 2 * 64
+    projections = 512 * 512 * 2 + 2 * 512 * kv + 3 * 512 * 1376
+    assert cost.params == projections + 2 * 512
+    assert cost.fwd_flops == 2 * T * projections + 4 * B * 8 * S * S * d
+
+
+def test_errors():
+    with pytest.raises(RingjaxError, match="no cost model for architecture 't5'"):
+        block_costs(Shape(arch="t5"), Method(), B, S)
+    with pytest.raises(RingjaxError, match="LoRA targets"):
+        block_costs(BERT_BASE, Method(kind="lora", lora_targets=("qkv",)), B, S)
+    with pytest.raises(RingjaxError, match="do not exist"):
+        block_costs(BERT_BASE, Method(), B, S, trained=[12])
+    with pytest.raises(RingjaxError, match="unfreeze depth 13"):
+        top_layers(12, 13)
