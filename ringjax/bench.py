@@ -57,14 +57,14 @@ def peak_bytes(compiled) -> int:
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
-def single_device_step(model_name: str, method: str, batch: int, seq: int):
-    """(step fn, state, frozen, batch, compiled) for one training step of `method`."""
+def single_device_step(model_name: str, method: str, batch: int, seq: int, unroll: bool = False):
+    """(compiled step, state, frozen, batch) for one training step of `method`."""
     model = load_model(model_name, head=HeadConfig("classification", 2), peft=preset(method))
     params = model.tree()
     trainable, frozen = split(params, leaf_mask(params, model.peft_config))
     optimizer = make_optimizer(OptimConfig(), 1000)
     state = init_state(optimizer, trainable)
-    step = make_train_step(model.config, model.peft_config, model.head_config, optimizer, params, model.depth)
+    step = make_train_step(model.config, model.peft_config, model.head_config, optimizer, params, model.depth, unroll)
     data = random_batch(batch, seq, model.config.vocab_size)
     compiled = step.lower(state, frozen, data).compile()
     return compiled, state, frozen, data
@@ -79,7 +79,7 @@ def bench_step(model: str = "minilm", method: str = "houlsby", batch: int = 32, 
         return metrics["loss"]
 
     seconds = median_seconds(run, repeats)
-    flops = compiled_flops(compiled)
+    flops = compiled_flops(single_device_step(model, method, batch, seq, unroll=True)[0])  # see run_blocks
     peak = matmul_peak_gflops()
     achieved = flops / seconds / 1e9
     return {

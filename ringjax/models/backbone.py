@@ -39,8 +39,13 @@ def embed(cfg: ModelConfig, params, batch):
     return arch(cfg).embed(cfg, params["embed"], batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
 
 
-def run_blocks(cfg: ModelConfig, spec: PeftConfig, blocks, peft_blocks, h, bias, keep_taps: bool = False):
-    """Apply a stack of layers (any contiguous slice) with `lax.scan`; optionally return every output."""
+def run_blocks(cfg: ModelConfig, spec: PeftConfig, blocks, peft_blocks, h, bias, keep_taps: bool = False,
+               unroll: bool = False):
+    """Apply a stack of layers (any contiguous slice) with `lax.scan`; optionally return every output.
+
+    `unroll=True` traces every layer separately. It runs slower on CPU here, but XLA's
+    `cost_analysis()` counts a loop body once, so FLOP accounting compiles the unrolled twin.
+    """
     block = arch(cfg).block
 
     def step(h, layer):
@@ -48,14 +53,15 @@ def run_blocks(cfg: ModelConfig, spec: PeftConfig, blocks, peft_blocks, h, bias,
         h = block(cfg, p, h, bias, peft, spec)
         return h, (h if keep_taps else None)
 
-    return jax.lax.scan(step, h, (blocks, peft_blocks))
+    return jax.lax.scan(step, h, (blocks, peft_blocks), unroll=bool(unroll))
 
 
 def peft_blocks(params) -> dict:
     return params.get("peft", {}).get("blocks", {})
 
 
-def encode(cfg: ModelConfig, spec: PeftConfig, params, batch, depth: int | None = None, keep_taps: bool = False):
+def encode(cfg: ModelConfig, spec: PeftConfig, params, batch, depth: int | None = None, keep_taps: bool = False,
+           unroll: bool = False):
     """Final hidden state (after the final norm). Only the top `depth` layers get gradients."""
     n = cfg.num_layers
     cut = n - (n if depth is None else depth)
@@ -68,7 +74,7 @@ def encode(cfg: ModelConfig, spec: PeftConfig, params, batch, depth: int | None 
             continue
         h, ys = run_blocks(
             cfg, spec, layer_slice(params["blocks"], start, stop), layer_slice(peft_blocks(params), start, stop),
-            h, bias, keep_taps,
+            h, bias, keep_taps, unroll,
         )
         if start == 0 and cut > 0:
             h = jax.lax.stop_gradient(h)
@@ -78,14 +84,15 @@ def encode(cfg: ModelConfig, spec: PeftConfig, params, batch, depth: int | None 
     return h, all_taps
 
 
-def forward(cfg: ModelConfig, spec: PeftConfig, head: HeadConfig | None, params, batch, depth: int | None = None) -> Output:
+def forward(cfg: ModelConfig, spec: PeftConfig, head: HeadConfig | None, params, batch, depth: int | None = None,
+            unroll: bool = False) -> Output:
     """Hidden states and head logits; the parallel side network joins before the head."""
     from ringjax.peft import parallel
 
     if spec.kind == "parallel":
-        h, taps = encode(cfg, spec, params, batch, depth=0, keep_taps=True)
+        h, taps = encode(cfg, spec, params, batch, depth=0, keep_taps=True, unroll=unroll)
         h = parallel.side_output(spec, params["peft"]["side"], jax.lax.stop_gradient(taps), h)
     else:
-        h, taps = encode(cfg, spec, params, batch, depth)
+        h, taps = encode(cfg, spec, params, batch, depth, unroll=unroll)
     logits = None if head is None else apply_head(cfg, head, params["head"], h, batch["attention_mask"], params["embed"])
     return Output(h, logits, taps)

@@ -29,15 +29,17 @@ def weighted_mean(losses, batch):
     return (losses * w).sum() / jnp.maximum(w.sum(), 1.0)
 
 
-def loss_fn(trainable, frozen, batch, *, cfg: ModelConfig, spec: PeftConfig, head: HeadConfig, depth: int):
-    out = forward(cfg, spec, head, merge(trainable, frozen), batch, depth)
+def loss_fn(trainable, frozen, batch, *, cfg: ModelConfig, spec: PeftConfig, head: HeadConfig, depth: int,
+            unroll: bool = False):
+    out = forward(cfg, spec, head, merge(trainable, frozen), batch, depth, unroll)
     return weighted_mean(example_losses(head, out.logits, batch["labels"]), batch)
 
 
-def make_train_step(cfg: ModelConfig, spec: PeftConfig, head: HeadConfig, optimizer, params_like, depth: int):
+def make_train_step(cfg: ModelConfig, spec: PeftConfig, head: HeadConfig, optimizer, params_like, depth: int,
+                    unroll: bool = False):
     """A jitted step for one trainable depth (depth is static: each depth compiles once)."""
     factors = layer_mask(params_like, spec, depth, cfg.num_layers)
-    grad_fn = jax.value_and_grad(lambda t, f, b: loss_fn(t, f, b, cfg=cfg, spec=spec, head=head, depth=depth))
+    grad_fn = jax.value_and_grad(lambda t, f, b: loss_fn(t, f, b, cfg=cfg, spec=spec, head=head, depth=depth, unroll=unroll))
 
     def train_step(state: TrainState, frozen, batch):
         loss, grads = grad_fn(state.trainable, frozen, batch)
