@@ -28,7 +28,9 @@ def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
         "cosine": optax.cosine_decay_schedule(cfg.lr, decay_steps),
         "constant": optax.constant_schedule(cfg.lr),
     }[cfg.decay]
-    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, max(warmup, 1)), after], [max(warmup, 1)])
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), after], [warmup])
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
