@@ -70,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)
+
+    from ringjax.plan import cli as plan_cli
+
+    plan = sub.add_parser("plan", help="placement (ringada, pac), allocation (deft) or layer selection (caff) for a fleet")
+    plan_cli.add_plan_arguments(plan)
+    plan.set_defaults(func=plan_cli.cmd_plan)
+
+    calibrate = sub.add_parser("calibrate", help="measure this machine (matmul FLOP/s, memory) and write a profile")
+    plan_cli.add_calibrate_arguments(calibrate)
+    calibrate.set_defaults(func=plan_cli.cmd_calibrate)
     return parser
 
 

@@ -20,6 +20,7 @@ token row layout, and are moved to (K, B, T, H) inside the jitted steps.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
@@ -78,10 +79,11 @@ def _check_head(head: HeadConfig) -> None:
 
 def logits_from_taps(cfg: ModelConfig, spec: PeftConfig, head: HeadConfig, trainable, final, taps, attention_mask):
     """Head logits from stored taps (B, T, K, H) in `stored_taps` order: no backbone weights involved."""
-    taps = jnp.moveaxis(taps, 2, 0)  # (K, B, T, H)
-    h_final = backbone.arch(cfg).final(cfg, final, taps[-1].astype(jnp.float32))
-    side_taps = taps[_side_positions(spec, cfg.num_layers)]
-    h = parallel.side_output(spec, trainable["peft"]["side"], side_taps, h_final, attention_mask, cfg.causal)
+    h_final = backbone.arch(cfg).final(cfg, final, taps[:, :, -1].astype(jnp.float32))
+    positions = _side_positions(spec, cfg.num_layers)
+    if len(positions) != taps.shape[2]:
+        taps = jnp.take(taps, jnp.asarray(positions), axis=2)
+    h = parallel.side_output(spec, trainable["peft"]["side"], taps, h_final, attention_mask, cfg.causal, tap_axis=2)
     return apply_head(cfg, head, trainable["head"], h, attention_mask, {})
 
 
@@ -108,6 +110,7 @@ def cached_loss(cfg, spec, head, trainable, final, batch):
     return _mean_loss(head, logits, batch, batch["example_mask"].sum())
 
 
+@functools.lru_cache(maxsize=8)
 def make_taps_fn(cfg: ModelConfig, spec: PeftConfig, dtype="float32"):
     """Single-device jitted backbone forward: (frozen, token batch) -> taps (B, T, K, H) in `dtype`."""
     ids = np.asarray(stored_taps(spec, cfg.num_layers))
@@ -164,75 +167,7 @@ class RingForward:
         self.embed = jax.device_put(frozen["embed"], rep)
         self.staged = jax.device_put(staged, by_stage)
         self._rep = rep
-        # where global block l (1-based) sits: (stage, slot)
-        self._where = {int(starts[s] + j + 1): (s, j) for s in range(n) for j in range(self.sizes[s])}
-        self._fn = jax.jit(self._build())
-
-    def _build(self):
-        cfg, n, m = self.cfg, len(self.sizes), self.microbatches
-        block = backbone.arch(cfg).block
-        sizes = jnp.asarray(self.sizes)
-        spec, out_dtype = self.spec, self.out_dtype
-        forward_perm = [(i, i + 1) for i in range(n - 1)]
-
-        def per_stage(embed, staged, batch):
-            s = jax.lax.axis_index(STAGE)
-            size = sizes[s]
-            blocks = jax.tree.map(lambda x: x[0], staged)  # (lmax, ...)
-            h0 = backbone.arch(cfg).embed(cfg, embed, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-            b, t, hidden = h0.shape
-            mb = b // m
-            h0 = h0.reshape(m, mb, t, hidden)
-            bias = attention_bias(batch["attention_mask"], cfg.causal)
-            bias = bias.reshape(m, mb, *bias.shape[1:])
-            lmax = jax.tree.leaves(blocks)[0].shape[0]
-
-            def run_stage(x, bias_m):
-                def layer(h, item):
-                    j, p = item
-                    h = jax.lax.cond(j < size, lambda h: block(cfg, p, h, bias_m, {}, spec), lambda h: h, h)
-                    return h, h.astype(out_dtype)
-
-                return jax.lax.scan(layer, x, (jnp.arange(lmax), blocks))
-
-            def tick(carry, step):
-                recv, buf = carry
-                mi = step - s
-                active = (mi >= 0) & (mi < m)
-                mc = jnp.clip(mi, 0, m - 1)
-                x = jnp.where(s == 0, h0[mc], recv)
-
-                def work(x, buf):
-                    h, ys = run_stage(x, bias[mc])
-                    return h, jax.lax.dynamic_update_index_in_dim(buf, ys, mc, 0)
-
-                h, buf = jax.lax.cond(active, work, lambda x, buf: (x, buf), x, buf)
-                return (jax.lax.ppermute(h, STAGE, forward_perm), buf), None
-
-            buf = jnp.zeros((m, lmax, mb, t, hidden), out_dtype)
-            recv = jnp.zeros((mb, t, hidden), h0.dtype)
-            recv, buf = jax.lax.pcast((recv, buf), STAGE, to="varying")
-            (_, buf), _ = jax.lax.scan(tick, (recv, buf), jnp.arange(m + n - 1))
-            return h0.reshape(b, t, hidden).astype(out_dtype), buf[None]
-
-        mapped = jax.shard_map(
-            per_stage, mesh=self.mesh, in_specs=(P(), P(STAGE), P()), out_specs=(P(), P(STAGE)),
-        )
-        ids, where = self.ids, self._where
-
-        def run(embed, staged, batch):
-            h0, bufs = mapped(embed, staged, batch)  # h0 (B, T, H); bufs (N, M, lmax, mb, T, H)
-            n_, m_, _, mb, t, hidden = bufs.shape
-            stacks = []
-            for tap in ids:
-                if tap == 0:
-                    stacks.append(h0)
-                else:
-                    s, j = where[tap]
-                    stacks.append(bufs[s, :, j].reshape(m_ * mb, t, hidden))
-            return jnp.stack(stacks, axis=2)  # (B, T, K, H)
-
-        return run
+        self._fn = _ring_program(cfg, spec, self.sizes, self.microbatches, ac.dtype_name(dtype), self.mesh)
 
     def __call__(self, batch: dict) -> jax.Array:
         b = batch["input_ids"].shape[0]
@@ -241,6 +176,75 @@ class RingForward:
         keys = ("input_ids", "attention_mask", "token_type_ids")
         tokens = jax.device_put({k: np.asarray(batch[k]) for k in keys if k in batch}, self._rep)
         return self._fn(self.embed, self.staged, tokens)
+
+
+@functools.lru_cache(maxsize=8)
+def _ring_program(cfg: ModelConfig, spec: PeftConfig, sizes: tuple[int, ...], m: int, dtype: str, mesh):
+    """The jitted pipeline for one (model, stage sizes, microbatches, dtype, mesh): params are arguments."""
+    n = len(sizes)
+    block = backbone.arch(cfg).block
+    sizes_arr = np.asarray(sizes)
+    out_dtype = ac.DTYPES[dtype]
+    forward_perm = [(i, i + 1) for i in range(n - 1)]
+    ids = stored_taps(spec, cfg.num_layers)
+    starts = np.concatenate([[0], np.cumsum(sizes)])[:-1]
+    where = {int(starts[s] + j + 1): (s, j) for s in range(n) for j in range(sizes[s])}
+
+    def per_stage(embed, staged, batch):
+        s = jax.lax.axis_index(STAGE)
+        size = jnp.asarray(sizes_arr)[s]
+        blocks = jax.tree.map(lambda x: x[0], staged)  # (lmax, ...)
+        h0 = backbone.arch(cfg).embed(cfg, embed, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        b, t, hidden = h0.shape
+        mb = b // m
+        h0 = h0.reshape(m, mb, t, hidden)
+        bias = attention_bias(batch["attention_mask"], cfg.causal)
+        bias = bias.reshape(m, mb, *bias.shape[1:])
+        lmax = jax.tree.leaves(blocks)[0].shape[0]
+
+        def run_stage(x, bias_m):
+            def layer(h, item):
+                j, p = item
+                h = jax.lax.cond(j < size, lambda h: block(cfg, p, h, bias_m, {}, spec), lambda h: h, h)
+                return h, h.astype(out_dtype)
+
+            return jax.lax.scan(layer, x, (jnp.arange(lmax), blocks))
+
+        def tick(carry, step):
+            recv, buf = carry
+            mi = step - s
+            active = (mi >= 0) & (mi < m)
+            mc = jnp.clip(mi, 0, m - 1)
+            x = jnp.where(s == 0, h0[mc], recv)
+
+            def work(x, buf):
+                h, ys = run_stage(x, bias[mc])
+                return h, jax.lax.dynamic_update_index_in_dim(buf, ys, mc, 0)
+
+            h, buf = jax.lax.cond(active, work, lambda x, buf: (x, buf), x, buf)
+            return (jax.lax.ppermute(h, STAGE, forward_perm), buf), None
+
+        buf = jnp.zeros((m, lmax, mb, t, hidden), out_dtype)
+        recv = jnp.zeros((mb, t, hidden), h0.dtype)
+        recv, buf = jax.lax.pcast((recv, buf), STAGE, to="varying")
+        (_, buf), _ = jax.lax.scan(tick, (recv, buf), jnp.arange(m + n - 1))
+        return h0.reshape(b, t, hidden).astype(out_dtype), buf[None]
+
+    mapped = jax.shard_map(per_stage, mesh=mesh, in_specs=(P(), P(STAGE), P()), out_specs=(P(), P(STAGE)))
+
+    def run(embed, staged, batch):
+        h0, bufs = mapped(embed, staged, batch)  # h0 (B, T, H); bufs (N, M, lmax, mb, T, H)
+        _, m_, _, mb, t, hidden = bufs.shape
+        stacks = []
+        for tap in ids:
+            if tap == 0:
+                stacks.append(h0)
+            else:
+                s, j = where[tap]
+                stacks.append(bufs[s, :, j].reshape(m_ * mb, t, hidden))
+        return jnp.stack(stacks, axis=2)  # (B, T, K, H)
+
+    return jax.jit(run)
 
 
 # ----------------------------------------------------------------------------- data-parallel side-network step
@@ -253,26 +257,31 @@ def data_mesh(devices) -> jax.sharding.Mesh:
 def make_side_step(cfg: ModelConfig, spec: PeftConfig, head: HeadConfig, optimizer, mesh=None):
     """Jitted step (state, final, batch) -> (state, loss) on cached taps.
 
-    With a mesh (axis `data`): `shard_map`, each device takes B / N rows, computes its share
-    sum(loss * w) / global_count of the global weighted mean, and the local gradients are
-    all-reduced with `psum` (the parameters are cast to device-varying first, so the psum is
-    explicit rather than the implicit one shard_map's autodiff would insert). The optimizer
-    update then runs replicated. Without a mesh: the same computation on one device.
+    The loss is the weighted mean over real rows (`example_mask`). With a mesh (axis `data`):
+    `shard_map`, each device takes B / N rows and differentiates its local sum(loss * w); one
+    `psum` all-reduces (loss sum, gradient sums, real-row count) and both are divided by the
+    global count, so the step equals the single-device one whatever rows each shard holds.
+    The parameters are cast to device-varying before differentiation, so that psum is the
+    explicit all-reduce (otherwise shard_map's autodiff inserts an implicit one and a second
+    psum would scale the gradients by N). The optimizer update then runs replicated.
+    Without a mesh: the same computation on one device.
     """
     _check_head(head)
 
     def step(state: TrainState, final, batch, axis=None):
         w = batch["example_mask"]
-        count = w.sum() if axis is None else jax.lax.psum(w.sum(), axis)
 
-        def loss_of(trainable):
+        def loss_sum(trainable):
             logits = logits_from_taps(cfg, spec, head, trainable, final, batch["taps"], batch["attention_mask"])
-            return _mean_loss(head, logits, batch, count)
+            return (example_losses(head, logits, batch["labels"]) * w).sum()
 
         trainable = state.trainable if axis is None else jax.lax.pcast(state.trainable, axis, to="varying")
-        loss, grads = jax.value_and_grad(loss_of)(trainable)
-        if axis is not None:
-            loss, grads = jax.lax.psum((loss, grads), axis)
+        total, grads = jax.value_and_grad(loss_sum)(trainable)
+        count = w.sum()
+        if axis is not None:  # one all-reduce of (loss sum, gradient sums, real-row count)
+            total, grads, count = jax.lax.psum((total, grads, count), axis)
+        count = jnp.maximum(count, 1.0)
+        loss, grads = total / count, jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         return TrainState(optax.apply_updates(state.trainable, updates), opt_state, state.step + 1), loss
 
@@ -296,6 +305,19 @@ def make_side_eval(cfg: ModelConfig, spec: PeftConfig, head: HeadConfig, mesh=No
     if mesh is None:
         return jax.jit(evaluate)
     return jax.jit(jax.shard_map(evaluate, mesh=mesh, in_specs=(P(), P(), P(DATA)), out_specs=(P(DATA), P(DATA))))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_side_fns(cfg, spec, head, optimizer, mesh):
+    return make_side_step(cfg, spec, head, optimizer, mesh), make_side_eval(cfg, spec, head, mesh)
+
+
+def _side_fns(cfg, spec, head, optimizer, mesh):
+    """Jitted step and eval, shared by calls with the same (hashable) optimizer: no recompiles."""
+    try:
+        return _cached_side_fns(cfg, spec, head, optimizer, mesh)
+    except TypeError:  # an unhashable optimizer
+        return make_side_step(cfg, spec, head, optimizer, mesh), make_side_eval(cfg, spec, head, mesh)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -439,12 +461,13 @@ def train_pac(
 
     # --- the cached step runs data-parallel over every device
     mesh = data_mesh(devices) if n_devices > 1 else None
-    by_row = NamedSharding(mesh, P(DATA)) if mesh is not None else None
+    by_row = NamedSharding(mesh, P(DATA)) if mesh is not None else devices[0]
     rep = NamedSharding(mesh, P()) if mesh is not None else None
-    step_fn = make_side_step(cfg, spec, head, optimizer, mesh)
-    eval_fn = make_side_eval(cfg, spec, head, mesh)
-    state = _put(init_state(optimizer, trainable), rep)
-    final_dev = _put(final, rep)
+    step_fn, eval_fn = _side_fns(cfg, spec, head, optimizer, mesh)
+    # fresh buffers: the step donates its state, and the caller's params must survive
+    home = rep if rep is not None else devices[0]  # committed everywhere, so no step recompiles
+    state = jax.device_put(init_state(optimizer, jax.device_get(trainable)), home)
+    final_dev = jax.device_put(final, home)
 
     # --- epoch 1's backbone: ring pipeline over the same devices, or one jitted device
     if pipeline and n_devices > 1:

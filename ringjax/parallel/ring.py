@@ -70,10 +70,6 @@ def _zeros_like(tree):
     return jax.tree.map(jnp.zeros_like, tree)
 
 
-def _layer(tree, j):
-    return jax.tree.map(lambda x: x[j], tree)
-
-
 class RingPipeline:
     """One compiled ring step for a fixed (placement, microbatches, unfreeze depth)."""
 
@@ -88,6 +84,7 @@ class RingPipeline:
         depth: int,
         schedule: str = "gpipe",
         residuals: str = "keep",
+        unroll: bool = False,
     ):
         if spec.kind not in ("adapter", "lora"):
             raise RingjaxError(
@@ -108,7 +105,7 @@ class RingPipeline:
             raise RingjaxError(f"need at least one microbatch; got {num_microbatches}")
         self.cfg, self.spec, self.head, self.mesh = cfg, spec, head, mesh
         self.placement, self.M, self.depth, self.N = placement, int(num_microbatches), int(depth), N
-        self.residuals = residuals
+        self.residuals, self.unroll = residuals, bool(unroll)
         cut = L - depth
         self.programs = [
             StageProgram(size=s, cut=min(max(cut - a, 0), s), dx=cut < a)
@@ -122,7 +119,8 @@ class RingPipeline:
         self._stash_sizes: dict | None = None
         self._pad = np.array(placement.padded_index(), np.int32)
         self._unpad = np.array(placement.unpadded_index(), np.int32)
-        self._block = arch(cfg).block
+        self._arch = arch(cfg)
+        self._block = self._arch.block
         self._step = jax.jit(self.loss_and_grads)
 
     # ---- layout -------------------------------------------------------------------------
@@ -171,40 +169,38 @@ class RingPipeline:
         return out
 
     # ---- per-stage programs -------------------------------------------------------------
-    def _run(self, W, Pf, h, bias, start, stop):
-        for j in range(start, stop):
-            h = self._block(self.cfg, W[j], h, bias, Pf[j], self.spec)
-        return h
+    def _layers(self, tree, start, stop):
+        return jax.tree.map(lambda x: x[start:stop], tree)
 
-    def _suffix(self, prog: StageProgram, W, bias):
-        def f(pf_suffix, h):
-            for j, pf in zip(range(prog.cut, prog.size), pf_suffix):
-                h = self._block(self.cfg, W[j], h, bias, pf, self.spec)
+    def _run(self, W, Pf, h, bias):
+        """Blocks W (stacked) with adapters Pf over h, under `lax.scan` (`unroll`: fully unrolled)."""
+        n = jax.tree.leaves(W)[0].shape[0]
+        if n == 0:
             return h
 
-        return f
+        def step(h, layer):
+            w, pf = layer
+            return self._block(self.cfg, w, h, bias, pf, self.spec), None
 
-    def _available(self, prog, W, Pf, bias):
-        """Values the backward tick has anyway (weights, adapters, mask bias): never stashed."""
-        return jax.tree.leaves((W[prog.cut:prog.size], Pf[prog.cut:prog.size])) + [bias]
+        return jax.lax.scan(step, h, (W, Pf), unroll=n if self.unroll else 1)[0]
 
     def _stage_fwd(self, prog: StageProgram, blocks, peft, h, bias):
         """(output, residual leaves to keep) of one microbatch through one stage."""
-        W = [_layer(blocks, j) for j in range(prog.size)]
-        Pf = [_layer(peft, j) for j in range(prog.size)]
-        h = self._run(W, Pf, h, bias, 0, prog.cut)
+        W_frozen, P_frozen = self._layers(blocks, 0, prog.cut), self._layers(peft, 0, prog.cut)
+        h = self._run(W_frozen, P_frozen, h, bias)
         if not prog.trains:
             return h, []
-        f = self._suffix(prog, W, bias)
+        W, Pf = self._layers(blocks, prog.cut, prog.size), self._layers(peft, prog.cut, prog.size)
+        f = lambda pf, h: self._run(W, pf, h, bias)  # noqa: E731
         if self.residuals == "recompute":
             self._plans[prog] = (None, None, [(h.shape, h.dtype)])
-            return f(Pf[prog.cut:], h), [h]
+            return f(Pf, h), [h]
         if prog.dx:
-            out, vjp = jax.vjp(f, Pf[prog.cut:], h)
+            out, vjp = jax.vjp(f, Pf, h)
         else:
-            out, vjp = jax.vjp(lambda pf: f(pf, h), Pf[prog.cut:])
+            out, vjp = jax.vjp(lambda pf: f(pf, h), Pf)
         leaves, treedef = jax.tree.flatten(vjp)
-        avail = self._available(prog, W, Pf, bias)
+        avail = jax.tree.leaves((W, Pf)) + [bias]  # the backward tick has these anyway: never stashed
         plan, kept = [], []
         for leaf in leaves:
             hit = next((i for i, a in enumerate(avail) if leaf is a), None)
@@ -218,29 +214,22 @@ class RingPipeline:
 
     def _stage_bwd(self, prog: StageProgram, blocks, peft, kept, bias, g):
         """(adapter gradients for the stage's padded slab, input gradient or zeros)."""
-        W = [_layer(blocks, j) for j in range(prog.size)]
-        Pf = [_layer(peft, j) for j in range(prog.size)]
-        f = self._suffix(prog, W, bias)
+        W, Pf = self._layers(blocks, prog.cut, prog.size), self._layers(peft, prog.cut, prog.size)
         if self.residuals == "recompute":
             (h,) = kept
+            f = lambda pf, h: self._run(W, pf, h, bias)  # noqa: E731
             if prog.dx:
-                _, vjp = jax.vjp(f, Pf[prog.cut:], h)
+                _, vjp = jax.vjp(f, Pf, h)
             else:
-                _, vjp = jax.vjp(lambda pf: f(pf, h), Pf[prog.cut:])
+                _, vjp = jax.vjp(lambda pf: f(pf, h), Pf)
         else:
             treedef, plan, _ = self._plans[prog]
-            avail = self._available(prog, W, Pf, bias)
+            avail = jax.tree.leaves((W, Pf)) + [bias]
             vjp = jax.tree.unflatten(treedef, [avail[i] if src == "avail" else kept[i] for src, i in plan])
         cts = vjp(g)
         g_h = cts[1] if prog.dx else jnp.zeros_like(g)
-        S = self.placement.max_size
-        g_peft = jax.tree.map(
-            lambda *per_layer: jnp.concatenate(
-                [jnp.zeros((prog.cut, *per_layer[0].shape), per_layer[0].dtype), jnp.stack(per_layer),
-                 jnp.zeros((S - prog.size, *per_layer[0].shape), per_layer[0].dtype)]
-            ),
-            *cts[0],
-        )
+        pad = ((prog.cut, self.placement.max_size - prog.size),)
+        g_peft = jax.tree.map(lambda x: jnp.pad(x, pad + ((0, 0),) * (x.ndim - 1)), cts[0])
         return g_peft, g_h
 
     # ---- residual packing ---------------------------------------------------------------
@@ -308,7 +297,6 @@ class RingPipeline:
     def _device_step(self, peft, head_p, embed_p, final_p, blocks, data):
         cfg, N, M, T = self.cfg, self.N, self.M, self.tables
         d = jax.lax.axis_index(AXIS)
-        K = data["input_ids"].shape[0]
         mb, seq = data["input_ids"].shape[1:3]
         H = cfg.hidden_size
         gathered = {k: jax.lax.all_gather(data[k], AXIS) for k in ("input_ids", "attention_mask", "token_type_ids") if k in data}
@@ -334,7 +322,7 @@ class RingPipeline:
         def fwd_branch(prog):
             def run(blocks, peft, h, bias):
                 out, kept = self._stage_fwd(prog, blocks, peft, h, bias)
-                return out, self._pack(kept, sizes)
+                return (out, self._pack(kept, sizes)) if prog.trains else out
             return run
 
         def bwd_branch(prog):
@@ -345,12 +333,20 @@ class RingPipeline:
                 return self._stage_bwd(prog, blocks, peft, kept, bias, g)
             return run
 
-        fwd_fns = [fwd_branch(p) for p in self.branches]
+        # Frozen and training programs are separate switches: a training one returns residuals
+        # to keep, written into the stash outside the switch (an in-place write inside switch
+        # branches makes XLA copy the whole stash); a frozen one keeps nothing.
+        training = [p for p in self.branches if p.trains]
+        frozen_progs = [p for p in self.branches if not p.trains]
+        fwd_train = [fwd_branch(p) for p in training]
+        fwd_frozen = [fwd_branch(p) for p in frozen_progs]
+        index = [training.index(p) if p.trains else frozen_progs.index(p) for p in self.programs]
+        local_index = jnp.asarray(np.array(index, np.int32))[d]
+        trains_here = jnp.asarray(np.array([p.trains for p in self.programs]))[d]
         bwd_fns = [bwd_branch(p) for p in self.branches]
-        arch_mod = arch(cfg)
 
         def head_loss(hp, h, mask, labels, weight):
-            h = arch_mod.final(cfg, final_p, h)
+            h = self._arch.final(cfg, final_p, h)
             logits = apply_head(cfg, self.head, hp, h, mask, embed_p)
             return jnp.sum(example_losses(self.head, logits, labels) * weight) / count
 
@@ -363,11 +359,17 @@ class RingPipeline:
         bwd_perm = [(i + 1, i) for i in range(N - 1)]
 
         def tick(carry, row):
-            act, gin, stash, head_in, g_peft, g_head, loss = carry
+            act, gin, stash, head_in, pending, g_peft, g_head, loss = carry
             kind, m, slot = row["kind"][d], row["mb"][d], row["slot"][d]
+            # Messages of the previous tick land first: every buffer is written before it is read
+            # in a tick, which lets XLA update it in place (a read before an in-place write in the
+            # same loop body makes it copy the whole buffer).
+            (act_msg, act_at), (grad_msg, grad_at) = pending
+            act = jax.lax.dynamic_update_index_in_dim(act, act_msg, act_at, 0)
+            gin = jax.lax.dynamic_update_index_in_dim(gin, grad_msg, grad_at, 0)
             bias = attention_bias(of_mb("attention_mask", m), cfg.causal)
 
-            def do_fwd():
+            def do_fwd(stash):
                 def embedded():
                     b = {"input_ids": of_mb("input_ids", m), "attention_mask": of_mb("attention_mask", m)}
                     if "token_type_ids" in gathered:
@@ -375,22 +377,34 @@ class RingPipeline:
                     return embed_tokens(cfg, {"embed": embed_p}, b)
 
                 h_in = jax.lax.cond(d == 0, embedded, lambda: act[m])
-                return jax.lax.switch(branch, fwd_fns, blocks, peft, h_in, bias)
 
-            def no_fwd():
-                return jnp.zeros(hshape, jnp.float32), {k: jnp.zeros((n,), k) for k, n in sizes.items()}
+                def train_path(stash):
+                    h_out, packed = jax.lax.switch(local_index, fwd_train, blocks, peft, h_in, bias)
+                    return h_out, {k: jax.lax.dynamic_update_index_in_dim(stash[k], packed[k], slot, 0) for k in stash}
 
-            h_out, packed = jax.lax.cond(kind == FWD, do_fwd, no_fwd)
-            write = jnp.where(kind == FWD, slot, S)
-            new_stash = {k: jax.lax.dynamic_update_index_in_dim(stash[k], packed[k], write, 0) for k in stash}
+                def frozen_path(stash):
+                    return jax.lax.switch(local_index, fwd_frozen, blocks, peft, h_in, bias), stash
 
-            def do_bwd():
-                return jax.lax.switch(branch, bwd_fns, blocks, peft, {k: stash[k][slot] for k in stash}, bias, gin[m])
+                if not training:
+                    return frozen_path(stash)
+                if not frozen_progs:
+                    return train_path(stash)
+                return jax.lax.cond(trains_here, train_path, frozen_path, stash)
 
-            def no_bwd():
+            def no_fwd(stash):
+                return jnp.zeros(hshape, jnp.float32), stash
+
+            h_out, stash = jax.lax.cond(kind == FWD, do_fwd, no_fwd, stash)
+
+            def do_bwd(stash, gin):
+                kept = {k: jax.lax.dynamic_index_in_dim(stash[k], slot, 0, keepdims=False) for k in stash}
+                g_out = jax.lax.dynamic_index_in_dim(gin, m, 0, keepdims=False)
+                return jax.lax.switch(branch, bwd_fns, blocks, peft, kept, bias, g_out)
+
+            def no_bwd(stash, gin):
                 return _zeros_like(peft), jnp.zeros(hshape, jnp.float32)
 
-            g_peft_m, g_h = jax.lax.cond(kind == BWD, do_bwd, no_bwd)
+            g_peft_m, g_h = jax.lax.cond(kind == BWD, do_bwd, no_bwd, stash, gin)
             g_peft = jax.tree.map(jnp.add, g_peft, g_peft_m)
 
             hl = row["head_local"]
@@ -411,21 +425,21 @@ class RingPipeline:
             fwd_msg = jax.lax.cond(row["fwd_any"] > 0, lambda: jax.lax.ppermute(h_out, AXIS, fwd_perm), zero) if N > 1 else zero()
             bwd_msg = jax.lax.cond(row["bwd_any"] > 0, lambda: jax.lax.ppermute(g_h, AXIS, bwd_perm), zero) if N > 1 else zero()
             head_msg = jax.lax.switch(row["send_head"], [lambda x, k=k: shift(x, k) for k in range(N)], h_out)
-            grad_msg = jax.lax.switch(row["send_grad"], [lambda x, k=k: shift(x, -k) for k in range(N)], g_final)
-            act = jax.lax.dynamic_update_index_in_dim(act, fwd_msg, row["recv_act"][d], 0)
-            gin = jax.lax.dynamic_update_index_in_dim(gin, jnp.where(d == N - 1, grad_msg, bwd_msg), row["recv_grad"][d], 0)
-            return (act, gin, new_stash, head_msg, g_peft, g_head, loss), None
+            grad_msg = jax.lax.switch(row["send_grad"], [lambda x, k=k: shift(x, k) for k in range(N)], g_final)
+            pending = ((fwd_msg, row["recv_act"][d]), (jnp.where(d == N - 1, grad_msg, bwd_msg), row["recv_grad"][d]))
+            return (act, gin, stash, head_msg, pending, g_peft, g_head, loss), None
 
+        nothing = (jnp.zeros(hshape, jnp.float32), jnp.asarray(M, jnp.int32))
         carry = (
             jnp.zeros((M + 1, *hshape), jnp.float32),
             jnp.zeros((M + 1, *hshape), jnp.float32),
-            {k: jnp.zeros((S + 1, n), k) for k, n in sizes.items()},
+            {k: jnp.zeros((S, n), k) for k, n in sizes.items()},
             jnp.zeros(hshape, jnp.float32),
+            (nothing, nothing),
             _zeros_like(peft),
             _zeros_like(head_p),
             jnp.zeros((), jnp.float32),
         )
         rows = {k: jnp.asarray(v) for k, v in T.items()}
-        (_, _, _, _, g_peft, g_head, loss), _ = jax.lax.scan(tick, carry, rows)
-        del K
+        (*_, g_peft, g_head, loss), _ = jax.lax.scan(tick, carry, rows)
         return jax.lax.psum(loss, AXIS), jax.lax.psum(g_head, AXIS), g_peft

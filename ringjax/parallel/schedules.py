@@ -65,7 +65,7 @@ class PipelineSchedule:
         N, M, T, S = self.num_stages, self.num_microbatches, self.num_ticks, self.slots
         kind = np.zeros((T, N), np.int32)
         mb = np.zeros((T, N), np.int32)
-        slot = np.full((T, N), S, np.int32)  # S is the scratch slot
+        slot = np.zeros((T, N), np.int32)  # residual slot of a training stage's microbatch
         head_mb = np.full((T,), -1, np.int32)
         for t, tick in enumerate(self.ticks):
             for a in tick:

@@ -109,36 +109,44 @@ def init_side_for(spec, key, hidden: int, num_layers: int) -> dict:
     )
 
 
-def side_output(spec, side, taps, h_final, attention_mask=None, causal: bool = False):
+def side_output(spec, side, taps, h_final, attention_mask=None, causal: bool = False, tap_axis: int = 0):
     """h_final + side network(taps).
 
-    taps: (K, B, T, H), the tapped hidden states in `tap_indices` order, any float dtype (the
-    side network computes in float32), or the full (L + 1, B, T, H) stack, from which the
-    configured taps are picked. attention_mask: (B, T), 1 for real tokens; without it every
-    position counts as real (correct only for unpadded batches).
+    taps: the tapped hidden states stacked along `tap_axis`, in `tap_indices` order, any float
+    dtype (the side network computes in float32): (K, B, T, H) by default, or the activation
+    cache's row layout (B, T, K, H) with tap_axis=2. The full (L + 1)-tap stack is accepted
+    too; the configured taps are picked from it. attention_mask: (B, T), 1 for real tokens;
+    without it every position counts as real (correct only for unpadded batches).
     """
     blocks = side["blocks"]
     n_tapped = blocks["tap"]["kernel"].shape[0]
-    if taps.shape[0] != n_tapped + 1:
-        num_layers = taps.shape[0] - 1
-        wanted = tap_indices(spec, num_layers)
+    if taps.shape[tap_axis] != n_tapped + 1:
+        wanted = tap_indices(spec, taps.shape[tap_axis] - 1)
         if len(wanted) != n_tapped + 1:
             raise RingjaxError(f"the side network reads {n_tapped + 1} taps but the config selects {len(wanted)}")
-        taps = taps[jnp.asarray(wanted)]
-    taps = taps.astype(jnp.float32)
+        taps = jnp.take(taps, jnp.asarray(wanted), axis=tap_axis)
     act = activation(spec.non_linearity)
     attend = "attn" in blocks
     if attend:
         width = side["in"]["kernel"].shape[1]
         heads = side_heads(spec, width)
         if attention_mask is None:
-            attention_mask = jnp.ones(taps.shape[1:3], jnp.int32)
+            attention_mask = jnp.ones(h_final.shape[:2], jnp.int32)
         bias = attention_bias(attention_mask, causal)
-    s = taps[0] @ side["in"]["kernel"] + side["in"]["bias"]
+    # Every tap's projection at once, straight from the given layout (no transposed copy of the
+    # taps): (K - 1, B, T, w). Only these narrow projections enter the scan.
+    if tap_axis not in (0, 2):
+        raise RingjaxError(f"tap_axis must be 0 (K, B, T, H) or 2 (B, T, K, H), got {tap_axis}")
+    letters = "kbt" if tap_axis == 0 else "btk"
+    first = jnp.take(taps, 0, axis=tap_axis).astype(jnp.float32)
+    rest = jax.lax.slice_in_dim(taps, 1, n_tapped + 1, axis=tap_axis).astype(jnp.float32)
+    projected = jnp.einsum(f"{letters}h,khw->kbtw", rest, blocks["tap"]["kernel"]) + blocks["tap"]["bias"][:, None, None]
+    s = first @ side["in"]["kernel"] + side["in"]["bias"]
+    per_layer = {k: v for k, v in blocks.items() if k != "tap"}
 
     def step(s, layer):
         p, tap = layer
-        s = s + act(tap @ p["tap"]["kernel"] + p["tap"]["bias"] + s @ p["mix"]["kernel"])
+        s = s + act(tap + s @ p["mix"]["kernel"])
         if attend:
             x = layer_norm(s, p["attn"]["norm"], 1e-6)
             q, k, v = jnp.split(x @ p["attn"]["qkv"]["kernel"], 3, axis=-1)
@@ -146,5 +154,5 @@ def side_output(spec, side, taps, h_final, attention_mask=None, causal: bool = F
             s = s + dot_product_attention(q, k, v, bias) @ p["attn"]["out"]["kernel"]
         return s, None
 
-    s, _ = jax.lax.scan(step, s, (blocks, taps[1:]))
+    s, _ = jax.lax.scan(step, s, (per_layer, projected))
     return h_final + (s @ side["out"]["kernel"] + side["out"]["bias"]).astype(h_final.dtype)

@@ -1,0 +1,294 @@
+"""The federated loop: sample clients, run their local jobs vectorised, aggregate, evaluate.
+
+`run_federated(method, ...)` runs CAFF or a baseline on the same machinery:
+- "caff": each client trains its largest affordable top-t (selection.plan_clients);
+- "uniform-t": everyone trains the weakest participating client's t;
+- "fedavg-full": full fine-tuning, only clients whose budgets afford it;
+- "fedlora": LoRA in every block plus the head, only clients that afford it (its memory
+  holds every block's activations, since gradients reach the lowest block).
+Clients that cannot take part are never sampled; each round samples `per_round` of the rest
+(seeded by (seed, round), so methods with the same eligible set see the same clients).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from ringjax.data.batching import eval_batches
+from ringjax.data.metrics import main_metric_name, task_metric
+from ringjax.data.partition import partition
+from ringjax.data.tokenize import Encoded
+from ringjax.errors import RingjaxError
+from ringjax.fl.aggregation import Aggregator
+from ringjax.fl.budgets import ClientBudgets
+from ringjax.fl.clients import (
+    FLModel,
+    GroupRunner,
+    LocalJob,
+    bucket_for,
+    chunk_sizes,
+    client_example_rows,
+    gather,
+    local_optimizer,
+    measured_peak_bytes,
+    split_params,
+    tree_bytes,
+)
+from ringjax.fl.costs import CostModel, Workload
+from ringjax.fl.selection import METHODS, ClientPlan, plan_clients, verify_memory
+from ringjax.models.backbone import forward
+from ringjax.models.config import ModelConfig
+from ringjax.models.heads import HeadConfig, predictions
+from ringjax.peft.config import PeftConfig
+from ringjax.peft.modules import init_peft
+
+
+@dataclass(frozen=True)
+class FLConfig:
+    num_clients: int = 100
+    per_round: int = 10
+    rounds: int = 20
+    local_steps: int = 5
+    batch_size: int = 16
+    max_length: int = 64  # the padded length budgets are planned for; batches use the smallest bucket that fits
+    buckets: tuple[int, ...] = (16, 32, 64)
+    alpha: float | None = 0.5  # Dirichlet label skew; None: IID
+    seed: int = 0
+    lr: float = 5e-5  # top-t and full jobs
+    lora_lr: float = 5e-4
+    weight_decay: float = 0.0
+    clip_norm: float | None = 1.0
+    client_chunk: int = 8  # clients per compiled group call (a multiple of the mesh size)
+    eval_every: int = 1
+    eval_batch_size: int = 128
+    verify_memory: bool = True  # compile each distinct job once and check measured peak bytes
+
+    def __post_init__(self):
+        if self.per_round < 1 or self.num_clients < 1 or self.rounds < 0 or self.local_steps < 1 or self.batch_size < 1:
+            raise RingjaxError("clients, per-round, local steps and batch size must be positive (rounds >= 0)")
+        if self.per_round > self.num_clients:
+            raise RingjaxError(f"cannot sample {self.per_round} clients per round from {self.num_clients}; lower --per-round")
+        if self.max_length not in self.buckets:
+            object.__setattr__(self, "buckets", tuple(sorted({*(b for b in self.buckets if b < self.max_length), self.max_length})))
+
+    @property
+    def workload(self) -> Workload:
+        return Workload(self.batch_size, self.max_length, self.local_steps)
+
+
+@dataclass
+class RoundMetrics:
+    round: int
+    participants: int
+    bytes_uploaded: int
+    total_bytes_uploaded: int
+    mean_depth: float  # trained blocks per participant (full and LoRA count every block)
+    mean_depth_fraction: float  # the same over the model's block count
+    train_loss: float
+    dev_metric: float | None
+    dev_loss: float | None
+    train_seconds: float
+    eval_seconds: float
+
+
+@dataclass
+class FederatedRun:
+    method: str
+    plan: ClientPlan
+    metric_name: str
+    rounds: list[RoundMetrics]
+    params: dict = field(repr=False)
+    measured_peak_bytes: dict[str, int] = field(default_factory=dict)
+    compiles: int = 0
+
+    def to_json(self) -> dict:
+        return {
+            "method": self.method,
+            "metric": self.metric_name,
+            "plan": self.plan.summary(),
+            "excluded_clients": self.plan.excluded,
+            "measured_peak_bytes": self.measured_peak_bytes,
+            "compiles": self.compiles,
+            "rounds": [dataclasses.asdict(r) for r in self.rounds],
+        }
+
+    def write(self, path) -> None:
+        with open(path, "w") as fh:
+            json.dump(self.to_json(), fh, indent=1)
+
+
+def eval_spec(method: str, model: FLModel) -> PeftConfig:
+    return model.lora if method == "fedlora" else PeftConfig(kind="top-t")
+
+
+def make_evaluator(model: FLModel, spec: PeftConfig, task: str, batch_size: int, buckets: tuple[int, ...]):
+    """evaluate(params, dev) -> (metric dict, mean loss) over every dev example once."""
+    from ringjax.models.heads import example_losses
+
+    @jax.jit
+    def step(params, batch):
+        logits = forward(model.cfg, spec, model.head, params, batch).logits
+        return predictions(model.head, logits), example_losses(model.head, logits, batch["labels"])
+
+    def evaluate(params, dev: Encoded):
+        preds, labels, losses = [], [], []
+        for batch in eval_batches(dev, batch_size, buckets=buckets):
+            real = batch["index"] >= 0
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
+            p, l = step(params, inputs)
+            preds.append(np.asarray(p)[real])
+            losses.append(np.asarray(l)[real])
+            labels.append(batch["labels"][real])
+        preds, labels, losses = map(np.concatenate, (preds, labels, losses))
+        return task_metric(task, preds, labels), float(losses.mean())
+
+    return evaluate
+
+
+def ensure_lora(params: dict, model: FLModel, seed: int) -> dict:
+    """Params with LoRA factors in every block (zero B: the model's function is unchanged)."""
+    if params.get("peft", {}).get("blocks", {}).get("lora"):
+        return params
+    from ringjax.models import backbone
+
+    peft = init_peft(model.lora, params["blocks"], model.cfg.hidden_size, jax.random.key(seed), backbone.arch(model.cfg).DEFAULT_LORA_TARGETS)
+    return {**params, "peft": peft}
+
+
+def run_round(
+    server: dict,
+    chosen: np.ndarray,
+    plan: ClientPlan,
+    runner: GroupRunner,
+    train: Encoded,
+    parts: list[np.ndarray],
+    config: FLConfig,
+    round_index: int,
+) -> tuple[dict, list[float]]:
+    """One round: the chosen clients' local jobs, grouped by job and vectorised, then aggregation.
+
+    Returns the new server params and each client's mean local loss. A client's examples are
+    drawn by (seed, round, client), so the result does not depend on how clients are grouped.
+    """
+    L = plan.num_layers
+    sizes = np.array([len(p) for p in parts])
+    groups: dict[LocalJob, list[int]] = defaultdict(list)
+    for c in chosen:
+        groups[plan.jobs[c]].append(int(c))
+    agg = Aggregator(server, L)
+    losses: list[float] = []
+    for job in sorted(groups, key=lambda j: (j.kind, j.depth)):
+        clients = groups[job]
+        trainable, frozen = split_params(server, job, L)
+        pos = 0
+        for size in chunk_sizes(len(clients), config.client_chunk, runner.multiple):
+            members = clients[pos : pos + size]
+            pos += len(members)
+            rows = [
+                parts[c][client_example_rows(sizes, c, config.local_steps, config.batch_size, np.random.default_rng((config.seed, round_index, c)))]
+                for c in members
+            ]
+            rows += [rows[0]] * (size - len(members))
+            rows = np.stack(rows)
+            seq = bucket_for(int(min(train.lengths[rows].max(), config.max_length)), config.buckets)
+            weights = np.zeros(size, np.float32)
+            weights[: len(members)] = sizes[members]
+            sums, total, group_losses = runner.run(job, trainable, frozen, gather(train, rows, seq), weights)
+            agg.add(job, sums, total)
+            losses.extend(np.asarray(group_losses)[: len(members)].tolist())
+    return agg.result(), losses
+
+
+def sample_clients(eligible: np.ndarray, per_round: int, seed: int, round_index: int) -> np.ndarray:
+    """`per_round` eligible clients (all of them when fewer), seeded by (seed, round)."""
+    rng = np.random.default_rng((seed, round_index))
+    return np.sort(rng.choice(eligible, min(per_round, len(eligible)), replace=False))
+
+
+def run_federated(
+    method: str,
+    cfg: ModelConfig,
+    head: HeadConfig,
+    params: dict,
+    train: Encoded,
+    budgets: ClientBudgets,
+    config: FLConfig = FLConfig(),
+    dev: Encoded | None = None,
+    task: str = "sst2",
+    mesh: Mesh | None = None,
+    log: Callable[[str], None] | None = print,
+    partitions: list[np.ndarray] | None = None,
+) -> FederatedRun:
+    """Run `config.rounds` rounds of `method`; returns per-round metrics and the final params."""
+    if method not in METHODS:
+        raise RingjaxError(f"unknown federated method {method!r}; choose one of {METHODS}")
+    if len(budgets) != config.num_clients:
+        raise RingjaxError(f"{len(budgets)} client budgets for {config.num_clients} clients")
+    say = log or (lambda _: None)
+    model = FLModel(cfg, head)
+    L = cfg.num_layers
+    if method == "fedlora":
+        params = ensure_lora(params, model, config.seed)
+    optimizers = {
+        "top-t": local_optimizer(config.lr, config.weight_decay, config.clip_norm),
+        "full": local_optimizer(config.lr, config.weight_decay, config.clip_norm),
+        "lora": local_optimizer(config.lora_lr, config.weight_decay, config.clip_norm),
+    }
+    costs = CostModel(cfg, head, config.workload, model.lora)
+    plan = plan_clients(method, costs, budgets)
+    measured: dict[LocalJob, int] = {}
+    if config.verify_memory:
+        plan, measured = verify_memory(
+            plan, budgets, lambda job: measured_peak_bytes(model, job, optimizers[job.kind], params, config.batch_size, config.max_length)
+        )
+    eligible = plan.eligible
+    say(f"[{method}] {plan.summary()}")
+    if len(eligible) == 0:
+        raise RingjaxError(f"{method}: no client's budgets afford even its smallest job; raise the fleet's budgets or use a smaller model")
+
+    parts = partitions if partitions is not None else partition(train.labels, config.num_clients, config.alpha, config.seed)
+    if len(parts) != config.num_clients:
+        raise RingjaxError(f"{len(parts)} data partitions for {config.num_clients} clients")
+    runner = GroupRunner(model, optimizers, mesh)
+    evaluate = make_evaluator(model, eval_spec(method, model), task, config.eval_batch_size, config.buckets) if dev is not None else None
+    upload_of = {job: tree_bytes(split_params(jax.eval_shape(lambda p: p, params), job, L)[0]) for job in set(j for j in plan.jobs if j is not None)}
+    metric_name = main_metric_name(task) if dev is not None else ""
+
+    history: list[RoundMetrics] = []
+    total_bytes = 0
+    server = params
+    for r in range(1, config.rounds + 1):
+        start = time.perf_counter()
+        chosen = sample_clients(eligible, config.per_round, config.seed, r)
+        server, losses = run_round(server, chosen, plan, runner, train, parts, config, r)
+        jax.block_until_ready(server)
+        train_seconds = time.perf_counter() - start
+        round_bytes = int(sum(upload_of[plan.jobs[c]] for c in chosen))
+        total_bytes += round_bytes
+        depths = np.array([plan.jobs[c].depth for c in chosen], float)
+        metric = dev_loss = None
+        eval_seconds = 0.0
+        if evaluate is not None and (r % config.eval_every == 0 or r == config.rounds):
+            t0 = time.perf_counter()
+            scores, dev_loss = evaluate(server, dev)
+            metric = scores[metric_name]
+            eval_seconds = time.perf_counter() - t0
+        m = RoundMetrics(r, len(chosen), round_bytes, total_bytes, float(depths.mean()), float(depths.mean() / L), float(np.mean(losses)), metric, dev_loss, train_seconds, eval_seconds)
+        history.append(m)
+        say(
+            f"[{method}] round {r}: {len(chosen)} clients, depth {m.mean_depth:.2f}, loss {m.train_loss:.4f}"
+            + (f", dev {metric_name} {metric:.4f}" if metric is not None else "")
+            + f", uploaded {round_bytes / 1e6:.1f} MB ({total_bytes / 1e6:.1f} MB total), {train_seconds:.1f}+{eval_seconds:.1f} s"
+        )
+    peaks = {f"{j.kind}-{j.depth}": b for j, b in sorted(measured.items(), key=lambda kv: (kv[0].kind, kv[0].depth))}
+    return FederatedRun(method, plan, metric_name, history, server, peaks, runner.compiles)

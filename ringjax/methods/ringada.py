@@ -1,0 +1,176 @@
+"""RingAda: adapters trained through a ring pipeline, unfrozen top-down by a schedule.
+
+`RingAda` holds the training state and one compiled ring step per unfreeze depth (compiled on
+first use); changing depth keeps the optimizer state, because every depth updates the same
+trainable tree through `masked_apply` with its own layer mask (frozen adapters get exactly zero
+update). `train_ringada` is the loop the CLI drives: it yields one metrics dict per step.
+
+The global batch stream does not depend on the number of devices: each global batch is cut into
+M microbatches and microbatch m is owned by device m % N, so runs with the same seed see the
+same examples in the same order whatever N is.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+import jax
+import numpy as np
+import optax
+
+from ringjax.models.config import ModelConfig
+from ringjax.models.heads import HeadConfig
+from ringjax.parallel.mesh import make_stage_mesh, put_tree, replicated
+from ringjax.parallel.placement import Placement, block_costs, plan_stages
+from ringjax.parallel.ring import RingPipeline
+from ringjax.parallel.unfreeze import UnfreezeSchedule
+from ringjax.peft.config import PeftConfig
+from ringjax.peft.trainable import layer_mask, leaf_mask, merge, split
+from ringjax.train.optim import masked_apply
+from ringjax.train.step import TrainState, init_state
+
+
+def make_ring_train_step(pipeline: RingPipeline, optimizer: optax.GradientTransformation, params_like: dict):
+    """A jitted (state, frozen, data) -> (state, {"loss"}) step: the single-device step's update
+    (`masked_apply` with the depth's layer mask) on the ring's loss and gradients."""
+    factors = layer_mask(params_like, pipeline.spec, pipeline.depth, pipeline.cfg.num_layers)
+
+    def train_step(state: TrainState, frozen, data):
+        loss, grads = pipeline.loss_and_grads(state.trainable, frozen, data)
+        present = jax.tree.map(lambda x: x is not None, state.trainable, is_leaf=lambda x: x is None)
+        trainable_factors, _ = split(factors, present)
+        trainable, opt_state = masked_apply(optimizer, grads, state.opt_state, state.trainable, trainable_factors)
+        return TrainState(trainable, opt_state, state.step + 1), {"loss": loss}
+
+    return jax.jit(train_step, donate_argnums=0, out_shardings=replicated(pipeline.mesh))
+
+
+class RingAda:
+    """Training state plus one ring step per unfreeze depth."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        spec: PeftConfig,
+        head: HeadConfig,
+        params: dict,
+        *,
+        devices: int,
+        microbatches: int,
+        unfreeze: UnfreezeSchedule | str = "all",
+        optimizer: optax.GradientTransformation,
+        stages: str | tuple[int, ...] | None = "equal",
+        schedule: str = "gpipe",
+        residuals: str = "keep",
+        mesh=None,
+    ):
+        self.cfg, self.spec, self.head, self.optimizer = cfg, spec, head, optimizer
+        self.mesh = make_stage_mesh(devices) if mesh is None else mesh
+        self.microbatches, self.stages, self.schedule, self.residuals = microbatches, stages, schedule, residuals
+        self.unfreeze = UnfreezeSchedule.parse(unfreeze, cfg.num_layers) if isinstance(unfreeze, str) else unfreeze
+        self.params_like = params
+        trainable, frozen = split(params, leaf_mask(params, spec))
+        self.frozen = frozen
+        self.state = put_tree(init_state(optimizer, trainable), self.mesh)
+        self.history: list[float] = []
+        self._steps: dict[int, tuple] = {}  # depth -> (pipeline, jitted step)
+        self._placed: tuple[Placement, dict] | None = None
+
+    # ---- phases -------------------------------------------------------------------------
+    def placement(self, depth: int) -> Placement:
+        N, L = self.mesh.shape["stage"], self.cfg.num_layers
+        if self.stages == "balanced":
+            return plan_stages(L, N, "balanced", costs=block_costs(L, depth))
+        return plan_stages(L, N, self.stages)
+
+    def pipeline(self, depth: int) -> RingPipeline:
+        return self._compiled(depth)[0]
+
+    def _compiled(self, depth: int):
+        if depth not in self._steps:
+            pipe = RingPipeline(self.cfg, self.spec, self.head, self.mesh, self.placement(depth), self.microbatches,
+                                depth, schedule=self.schedule, residuals=self.residuals)
+            self._steps[depth] = (pipe, make_ring_train_step(pipe, self.optimizer, self.params_like))
+        return self._steps[depth]
+
+    def _frozen_for(self, pipe: RingPipeline) -> dict:
+        if self._placed is None or self._placed[0] != pipe.placement:  # weights move once per phase
+            self._placed = (pipe.placement, pipe.place_frozen(self.frozen))
+        return self._placed[1]
+
+    @property
+    def step(self) -> int:
+        return int(self.state.step)
+
+    def depth(self, step: int | None = None) -> int:
+        return self.unfreeze.depth(self.step if step is None else step, self.history)
+
+    # ---- training -----------------------------------------------------------------------
+    def train_step(self, batch: dict) -> dict:
+        """One optimizer step on a global batch (numpy arrays, leading axis B)."""
+        step, depth = self.step, self.depth()
+        pipe, fn = self._compiled(depth)
+        start = time.perf_counter()
+        self.state, metrics = fn(self.state, self._frozen_for(pipe), pipe.shard_batch(batch))
+        loss = float(metrics["loss"])
+        return {"step": step + 1, "loss": loss, "depth": depth, "stages": list(pipe.placement.sizes),
+                "seconds": time.perf_counter() - start}
+
+    def observe_dev_loss(self, loss: float) -> None:
+        """Record a dev-set loss (drives the `plateau` schedule)."""
+        self.history.append(float(loss))
+
+    def train(self, batches: Iterable[dict], steps: int | None = None,
+              evaluate: Callable[[dict], dict] | None = None, eval_every: int = 0) -> Iterator[dict]:
+        """Yield per-step metrics; every `eval_every` steps `evaluate(params)` (a dict with "loss")
+        runs and its numbers join the metrics, its loss feeding the unfreeze schedule."""
+        for i, batch in enumerate(batches):
+            if steps is not None and i >= steps:
+                return
+            metrics = self.train_step(batch)
+            if evaluate is not None and eval_every and metrics["step"] % eval_every == 0:
+                dev = evaluate(self.params())
+                self.observe_dev_loss(dev["loss"])
+                metrics.update({f"dev_{k}": v for k, v in dev.items()})
+            yield metrics
+
+    # ---- parameters and checkpoints ---------------------------------------------------------
+    def params(self) -> dict:
+        """The full parameter tree (host arrays), as the single-device code takes it."""
+        return merge(jax.tree.map(np.asarray, self.state.trainable), self.frozen)
+
+    def state_dict(self) -> dict:
+        """What a checkpoint needs: train state (host arrays) and the unfreeze phase."""
+        return {"train_state": jax.tree.map(np.asarray, self.state),
+                "unfreeze": self.unfreeze.state_dict(self.history, self.step)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.unfreeze, self.history = UnfreezeSchedule.from_state_dict(state["unfreeze"])
+        self.state = put_tree(TrainState(*state["train_state"]), self.mesh)  # a TrainState or its fields
+
+
+def train_ringada(
+    cfg: ModelConfig,
+    spec: PeftConfig,
+    head: HeadConfig,
+    params: dict,
+    batches: Iterable[dict],
+    *,
+    devices: int,
+    microbatches: int,
+    unfreeze: UnfreezeSchedule | str,
+    optimizer: optax.GradientTransformation,
+    steps: int | None = None,
+    evaluate: Callable[[dict], dict] | None = None,
+    eval_every: int = 0,
+    **options,
+) -> Iterator[dict]:
+    """The RingAda loop: yields {"step", "loss", "depth", "stages", "seconds", dev_*} per step.
+
+    `options` go to `RingAda` (stages, schedule, residuals, mesh). To keep the trained
+    parameters, build `RingAda(...)` and iterate its `.train(...)`, then call `.params()`.
+    """
+    run = RingAda(cfg, spec, head, params, devices=devices, microbatches=microbatches, unfreeze=unfreeze,
+                  optimizer=optimizer, **options)
+    yield from run.train(batches, steps, evaluate, eval_every)

@@ -1,0 +1,209 @@
+"""`ringjax bench ring`: the ring step against the single-device step, measured in one run.
+
+Method (what the numbers mean):
+- seconds_per_step: median wall time of whole optimizer steps (ring and single-device steps
+  alternate, round after round, so drift on a shared machine hits both alike).
+- flops: XLA's `cost_analysis()`. XLA counts a while-loop body once and a conditional as its
+  most expensive branch, so neither whole program can be analysed as is. The single-device
+  step is analysed with its layer scan unrolled (the same computation). A ring device's FLOPs
+  are the sum over the actions the schedule gives it of each action's compiled program
+  (stage forward, stage backward, embedding on stage 0, head and loss on the owner), plus the
+  optimizer update every device runs; the stage programs are compiled with their layer
+  loops unrolled. Frozen stages have no backward actions, so their count has no backward work.
+- peak_bytes: `memory_analysis()` of the compiled step, arguments + outputs + temporaries -
+  aliased. The ring step is one SPMD program and XLA reserves the same buffers on every
+  device, so each device's figure is that program's.
+- bubble_fraction: idle share of device time when each tick lasts as long as its busiest
+  device, with every action costed by its FLOPs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ringjax.models.heads import apply_head, example_losses
+from ringjax.models.layers import attention_bias
+from ringjax.parallel.mesh import make_stage_mesh, put_tree
+from ringjax.parallel.placement import plan_stages
+from ringjax.parallel.ring import RingPipeline
+from ringjax.peft.trainable import layer_mask, leaf_mask, split
+from ringjax.train.optim import OptimConfig, make_optimizer, masked_apply
+from ringjax.train.step import init_state, make_train_step
+
+
+@contextlib.contextmanager
+def unrolled_scans():
+    """Trace with every `lax.scan` fully unrolled (for cost analysis of scanned layers)."""
+    original = jax.lax.scan
+
+    def scan(f, init, xs=None, length=None, reverse=False, unroll=1, **kwargs):
+        return original(f, init, xs, length=length, reverse=reverse, unroll=True, **kwargs)
+
+    jax.lax.scan = scan
+    try:
+        yield
+    finally:
+        jax.lax.scan = original
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0))
+
+
+def _peak(compiled) -> int:
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), tree)
+
+
+def _cost(fn, *args) -> float:
+    return _flops(jax.jit(fn).lower(*args).compile())
+
+
+def action_flops(pipe: RingPipeline, params: dict, batch_size: int, seq: int) -> dict:
+    """FLOPs of each action kind of `pipe`'s schedule: {("fwd"|"bwd"|"head"|"embed", stage): flops}."""
+    units = RingPipeline(pipe.cfg, pipe.spec, pipe.head, pipe.mesh, pipe.placement, pipe.M, pipe.depth,
+                         schedule=pipe.schedule.name, residuals=pipe.residuals, unroll=True)
+    mb = batch_size // pipe.M
+    S, cfg = pipe.placement.max_size, pipe.cfg
+    local = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct((S, *x.shape[1:]), x.dtype), tree)  # noqa: E731
+    blocks, peft = local(params["blocks"]), local(params["peft"]["blocks"])
+    h = jax.ShapeDtypeStruct((mb, seq, cfg.hidden_size), jnp.float32)
+    bias = jax.ShapeDtypeStruct((mb, 1, seq, seq), jnp.float32)
+    ids = jax.ShapeDtypeStruct((mb, seq), jnp.int32)
+    costs = {}
+    from ringjax.models.backbone import embed
+
+    embed_flops = _cost(lambda e, i, m: embed(cfg, {"embed": e}, {"input_ids": i, "attention_mask": m}),
+                        _abstract(params["embed"]), ids, ids)
+    bias_flops = _cost(lambda m: attention_bias(m, cfg.causal), ids)
+    for d, prog in enumerate(pipe.programs):
+        fwd = _cost(lambda b, p, h, bias, prog=prog: units._stage_fwd(prog, b, p, h, bias), blocks, peft, h, bias)
+        costs[("fwd", d)] = fwd + bias_flops + (embed_flops if d == 0 else 0.0)
+        if prog.trains:
+            kept = jax.eval_shape(lambda b, p, h, bias, prog=prog: units._stage_fwd(prog, b, p, h, bias)[1], blocks, peft, h, bias)
+            costs[("bwd", d)] = bias_flops + _cost(
+                lambda b, p, k, bias, g, prog=prog: units._stage_bwd(prog, b, p, k, bias, g), blocks, peft, kept, bias, h)
+
+    def head_loss(hp, x, mask, labels, final, emb):
+        x = pipe._arch.final(cfg, final, x)
+        logits = apply_head(cfg, pipe.head, hp, x, mask, emb)
+        return jnp.sum(example_losses(pipe.head, logits, labels)) / batch_size
+
+    labels = jax.ShapeDtypeStruct((mb,), jnp.int32) if pipe.head.kind != "regression" else jax.ShapeDtypeStruct((mb,), jnp.float32)
+    if pipe.head.kind == "lm":
+        labels = ids
+    head_flops = _cost(jax.value_and_grad(head_loss, argnums=(0, 1)), _abstract(params["head"]), h, ids, labels,
+                       _abstract(params.get("final", {})), _abstract(params["embed"]))
+    for d in range(pipe.N):
+        costs[("head", d)] = head_flops
+    return costs
+
+
+def device_flops(pipe: RingPipeline, costs: dict, update_flops: float) -> list[float]:
+    per = [update_flops] * pipe.N
+    for a in pipe.schedule.actions:
+        per[a.device] += costs.get((a.kind, a.stage), 0.0)
+    return per
+
+
+def _batch(cfg, batch_size: int, seq: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    high = min(cfg.vocab_size, 20000)
+    return {
+        "input_ids": rng.integers(min(1000, high - 1), high, (batch_size, seq)).astype(np.int32),
+        "attention_mask": np.ones((batch_size, seq), np.int32),
+        "labels": rng.integers(0, 2, (batch_size,)).astype(np.int32),
+    }
+
+
+def bench_ring(model: str = "minilm", devices: int = 4, microbatches: int = 8, batch: int = 32, seq: int = 64,
+               depths=(1, 3, 6), *, peft: str = "houlsby", schedule: str = "gpipe", residuals: str = "keep",
+               stages="equal", repeats: int = 5, model_obj=None) -> dict:
+    """Seconds, FLOPs and peak bytes of the ring step per unfreeze depth and of the single-device step."""
+    import ringjax
+
+    m = model_obj or ringjax.load_model(model, head="classification", peft=peft)
+    cfg, spec, head, params = m.config, m.peft_config, m.head_config, m.tree()
+    L = cfg.num_layers
+    optimizer = make_optimizer(OptimConfig(), 1000)
+    trainable, frozen = split(params, leaf_mask(params, spec))
+    host_batch = _batch(cfg, batch, seq)
+
+    # single device, all blocks trainable (the reference)
+    dev0 = jax.devices()[0]
+    single = make_train_step(cfg, spec, head, optimizer, params, L)
+    s_state = jax.device_put(init_state(optimizer, trainable), dev0)
+    s_frozen = jax.device_put(frozen, dev0)
+    s_batch = jax.device_put({k: jnp.asarray(v) for k, v in host_batch.items()}, dev0)
+    s_compiled = single.lower(s_state, s_frozen, s_batch).compile()
+    with unrolled_scans():
+        s_flops = _flops(make_train_step(cfg, spec, head, optimizer, params, L).lower(s_state, s_frozen, s_batch).compile())
+
+    # the optimizer update every ring device runs (replicated)
+    factors = layer_mask(params, spec, L, L)
+    present = jax.tree.map(lambda x: x is not None, trainable, is_leaf=lambda x: x is None)
+    t_factors, _ = split(factors, present)
+    state0 = init_state(optimizer, trainable)
+    update_flops = _cost(lambda g, s, t: masked_apply(optimizer, g, s, t, t_factors), _abstract(trainable),
+                         _abstract(state0.opt_state), _abstract(trainable))
+
+    from ringjax.methods.ringada import make_ring_train_step
+
+    mesh = make_stage_mesh(devices)
+    runs = []
+    for depth in depths:
+        if stages == "balanced":
+            from ringjax.parallel.placement import block_costs
+
+            placement = plan_stages(L, devices, "balanced", costs=block_costs(L, depth))
+        else:
+            placement = plan_stages(L, devices, stages)
+        pipe = RingPipeline(cfg, spec, head, mesh, placement, microbatches, depth, schedule=schedule, residuals=residuals)
+        step = make_ring_train_step(pipe, optimizer, params)
+        state = put_tree(state0, mesh)
+        placed, data = pipe.place_frozen(frozen), pipe.shard_batch(host_batch)
+        compiled = step.lower(state, placed, data).compile()
+        costs = action_flops(pipe, params, batch, seq)
+        runs.append(dict(depth=depth, pipe=pipe, compiled=compiled, state=state, frozen=placed, data=data,
+                         costs=costs, flops=device_flops(pipe, costs, update_flops), peak=_peak(compiled), times=[]))
+
+    s_times = []
+    for r in runs:  # warm up
+        r["state"], _ = jax.block_until_ready(r["compiled"](r["state"], r["frozen"], r["data"]))
+    s_state, _ = jax.block_until_ready(s_compiled(s_state, s_frozen, s_batch))
+    for _ in range(repeats):
+        t = time.perf_counter()
+        s_state, out = s_compiled(s_state, s_frozen, s_batch)
+        jax.block_until_ready(out)
+        s_times.append(time.perf_counter() - t)
+        for r in runs:
+            t = time.perf_counter()
+            r["state"], out = r["compiled"](r["state"], r["frozen"], r["data"])
+            jax.block_until_ready(out)
+            r["times"].append(time.perf_counter() - t)
+
+    return {
+        "single_device": {"seconds_per_step": statistics.median(s_times), "flops": s_flops, "peak_bytes": _peak(s_compiled)},
+        "depths": [
+            {
+                "depth": r["depth"],
+                "seconds_per_step": statistics.median(r["times"]),
+                "flops": r["flops"],
+                "peak_bytes": [r["peak"]] * devices,
+                "bubble_fraction": r["pipe"].schedule.bubble_fraction(r["costs"]),
+            }
+            for r in runs
+        ],
+    }
