@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--depths", default="1,3,6")
-    p.add_argument("--schedule", default="gpipe")
+    p.add_argument("--schedule", default="1f1b")
     p.add_argument("--residuals", default="keep")
     p.add_argument("--stages", default="equal")
     p.add_argument("--repeats", type=int, default=5)
@@ -27,11 +27,10 @@ def main(argv=None) -> int:
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}").strip()
     from ringjax.parallel.bench import bench_ring
-    from ringjax.parallel.placement import parse_sizes
 
     result = bench_ring(args.model, args.devices, args.microbatches, args.batch, args.seq,
                         tuple(int(x) for x in args.depths.split(",")), schedule=args.schedule,
-                        residuals=args.residuals, stages=parse_sizes(args.stages), repeats=args.repeats)
+                        residuals=args.residuals, stages=args.stages, repeats=args.repeats)
     json.dump(result, sys.stdout)
     print()
     return 0

@@ -11,8 +11,7 @@ import ringjax
 from ringjax.errors import RingjaxError
 from ringjax.methods import deft
 from ringjax.models import HeadConfig, assemble, random_backbone
-from ringjax.models.model import Model
-from ringjax.peft import leaf_mask, merge, preset, split
+from ringjax.peft import leaf_mask, preset, split
 from ringjax.train.optim import OptimConfig, make_optimizer
 from ringjax.train.step import init_state, loss_fn
 
@@ -129,26 +128,41 @@ def _encoded(n, seed):
     return Encoded(ids, np.zeros_like(ids), np.concatenate([[0], np.cumsum(lengths)]), labels, 16, 0)
 
 
-def test_train_deft_end_to_end(tmp_path):
+def test_train_deft_end_to_end(tmp_path, tiny_bert_dir):
     from ringjax.train.config import TrainConfig
-    from ringjax.train.trainer import Run
+    from ringjax.train.trainer import prepare
 
-    spec = preset("houlsby")
-    model = Model(CFG, _params(spec), HEAD, spec)
-    config = TrainConfig(task="synthetic", method="deft", steps=3, batch_size=2, max_length=16, devices=4,
-                         out=str(tmp_path), progress=False)
     fleet = tmp_path / "fleet.yaml"
     fleet.write_text("bandwidth_hz: 5MHz\ndevices:\n" + "".join(
         f"  - {{name: d{i}, preset: {p}}}\n" for i, p in enumerate(["jetson-nano", "jetson-tx2", "raspberry-pi-4",
                                                                    "jetson-agx-orin"])))
-    summary = deft.train_deft(Run(config, model, _encoded(40, 0), _encoded(12, 1), tmp_path), fleet, blocks=3)
-    assert summary["steps"] == summary["rounds"] == 3 and summary["blocks"] == 3
+    config = TrainConfig(model=str(tiny_bert_dir), task="synthetic", method="deft", adapter="houlsby", steps=3,
+                         batch_size=2, max_length=16, max_train_examples=40, max_eval_examples=12, blocks=3,
+                         fleet=str(fleet), out=str(tmp_path / "run"), progress=False)
+    summary = deft.train_deft(prepare(config))
+    assert summary["steps"] == summary["rounds"] == 3 and summary["blocks"] == 3 and summary["devices"] == 4
     assert 0.0 <= summary["dev_metric"] <= 1.0 and summary["dev_metric_name"] == "accuracy"
     allocation = summary["allocation"]
     assert allocation["policy"] == "optimal" and len(allocation["assignment"]) == 3
     assert allocation["inputs"]["bandwidth_hz"] == 5e6
     assert allocation["round_latency"] <= min(v for k, v in allocation["baselines"].items()
                                               if v is not None and not k.endswith("error")) + 1e-12
-    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["assignment"] for r in logged if "loss" in r] == [allocation["assignment"]] * 3
-    assert (tmp_path / "summary.json").exists()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["method"] == "deft"
+
+
+def test_device_batches_are_padded_to_a_common_width_and_shards_keep_their_examples():
+    a = {"input_ids": np.ones((2, 16), np.int32), "attention_mask": np.ones((2, 16), np.int32),
+         "token_type_ids": np.zeros((2, 16), np.int32), "labels": np.array([0, 1]), "example_mask": np.ones(2)}
+    b = {k: (v[:, :32] if v.ndim == 2 else v) for k, v in a.items()}
+    b = {**b, "input_ids": np.full((2, 32), 7, np.int32), "attention_mask": np.ones((2, 32), np.int32),
+         "token_type_ids": np.zeros((2, 32), np.int32)}
+    out = deft.stack_batches([a, b], pad_id=3)
+    assert out["input_ids"].shape == (4, 32) and (out["input_ids"][:2, 16:] == 3).all()
+    assert (out["attention_mask"][:2, 16:] == 0).all() and out["labels"].tolist() == [0, 1, 0, 1]
+    encoded = _encoded(10, 0)
+    part = deft._subset(encoded, np.array([2, 5, 7]))
+    assert len(part) == 3 and part.labels.tolist() == encoded.labels[[2, 5, 7]].tolist()
+    for i, j in enumerate([2, 5, 7]):
+        np.testing.assert_array_equal(part.example(i)[0], encoded.example(j)[0])

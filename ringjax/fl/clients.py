@@ -16,6 +16,7 @@ each (job, group size, sequence length) compiled once and cached.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -182,8 +183,12 @@ def make_local_round(model: FLModel, job: LocalJob, optimizer: optax.GradientTra
     return local_round
 
 
+@functools.lru_cache(maxsize=64)
 def local_optimizer(lr: float, weight_decay: float = 0.0, clip_norm: float | None = 1.0) -> optax.GradientTransformation:
-    """Client optimizer: AdamW at a constant rate, fresh each round (clients are rarely resampled)."""
+    """Client optimizer: AdamW at a constant rate, fresh each round (clients are rarely resampled).
+
+    Cached, so equal settings give the same object and runs share compiled group functions.
+    """
     adam = optax.adamw(lr, weight_decay=weight_decay)
     return adam if clip_norm is None else optax.chain(optax.clip_by_global_norm(clip_norm), adam)
 
@@ -206,14 +211,16 @@ def example_batch(batch_size: int, seq_len: int, labels_dtype=jnp.int32) -> dict
     }
 
 
-def compile_local_step(model: FLModel, job: LocalJob, optimizer, params: dict, batch_size: int, seq_len: int, unroll: bool = False):
+def compile_local_step(model: FLModel, job: LocalJob, optimizer, params: dict, batch_size: int, seq_len: int, unroll: bool = False,
+                       compiler_options: dict | None = None):
     """AOT-compile one client's local step (one client, not vmapped), state donated as on a device."""
     shapes = jax.eval_shape(lambda p: p, params)
     trainable, frozen = split_params(shapes, job, model.num_layers)
     opt_state = jax.eval_shape(optimizer.init, trainable)
     labels = jnp.float32 if model.head.kind == "regression" else jnp.int32
     step = make_local_step(model, job, optimizer, unroll)
-    return jax.jit(step, donate_argnums=0).lower((trainable, opt_state), frozen, example_batch(batch_size, seq_len, labels)).compile()
+    lowered = jax.jit(step, donate_argnums=0).lower((trainable, opt_state), frozen, example_batch(batch_size, seq_len, labels))
+    return lowered.compile(compiler_options) if compiler_options else lowered.compile()
 
 
 def measured_peak_bytes(model: FLModel, job: LocalJob, optimizer, params: dict, batch_size: int, seq_len: int) -> int:
@@ -276,24 +283,34 @@ def chunk_sizes(n: int, chunk: int, multiple: int = 1) -> list[int]:
     return sizes
 
 
+_COMPILED: dict[tuple, Callable] = {}  # process-wide: runs with equal settings share executables
+
+
+def _shape_key(tree) -> tuple:
+    leaves, treedef = jax.tree.flatten(tree)
+    return (treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves))
+
+
 class GroupRunner:
     """Runs groups of clients with the same job: vmap over clients, optionally shard_map over a mesh.
 
     `run` returns the weight-summed trained parameters (sum_i w_i theta_i), the weight sum and the
-    per-client mean losses; padded clients carry weight 0. Compiled executables are cached by
-    (job, group size, step/batch/sequence shape); `compiles` counts them.
+    per-client mean losses; padded clients carry weight 0. Executables are compiled ahead of time
+    once per (job, group size, batch shape, optimizer, mesh, compiler options) and cached for the
+    whole process; `compiles` counts the compilations this runner did, `shapes_used` the distinct
+    keys it ran. `compiler_options` go to XLA (e.g. {"xla_backend_optimization_level": 0} halves
+    CPU compile time for short simulations and tests).
     """
 
-    def __init__(self, model: FLModel, optimizers: dict[str, optax.GradientTransformation], mesh: Mesh | None = None, axis: str = "clients"):
+    def __init__(self, model: FLModel, optimizers: dict[str, optax.GradientTransformation], mesh: Mesh | None = None,
+                 axis: str = "clients", compiler_options: dict | None = None):
         self.model = model
         self.optimizers = optimizers
         self.mesh = mesh
         self.axis = axis
-        self.cache: dict[tuple, Callable] = {}
-
-    @property
-    def compiles(self) -> int:
-        return len(self.cache)
+        self.compiler_options = dict(compiler_options or {})
+        self.compiles = 0
+        self.shapes_used: set[tuple] = set()
 
     @property
     def multiple(self) -> int:
@@ -323,9 +340,15 @@ class GroupRunner:
         weights = jnp.asarray(weights, jnp.float32)
         if weights.shape[0] % self.multiple:
             raise RingjaxError(f"group of {weights.shape[0]} clients does not divide over {self.multiple} devices")
-        key = (job, reduce, tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batches.items())))
-        fn = self.cache.get(key)
+        key = (
+            self.model, job, reduce, id(self.optimizers[job.kind]), self.mesh, self.axis, tuple(sorted(self.compiler_options.items())),
+            _shape_key(trainable), _shape_key(frozen), _shape_key(batches), weights.shape,
+        )
+        fn = _COMPILED.get(key)
         if fn is None:
-            fn = jax.jit(self._fn(job, reduce)).lower(trainable, frozen, batches, weights).compile()
-            self.cache[key] = fn
+            lowered = jax.jit(self._fn(job, reduce)).lower(trainable, frozen, batches, weights)
+            fn = lowered.compile(self.compiler_options) if self.compiler_options else lowered.compile()
+            _COMPILED[key] = fn
+            self.compiles += 1
+        self.shapes_used.add(key)
         return fn(trainable, frozen, batches, weights)

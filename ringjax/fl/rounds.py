@@ -72,6 +72,7 @@ class FLConfig:
     eval_every: int = 1
     eval_batch_size: int = 128
     verify_memory: bool = True  # compile each distinct job once and check measured peak bytes
+    compiler_options: tuple[tuple[str, object], ...] = ()  # XLA options for the group executables
 
     def __post_init__(self):
         if self.per_round < 1 or self.num_clients < 1 or self.rounds < 0 or self.local_steps < 1 or self.batch_size < 1:
@@ -109,7 +110,8 @@ class FederatedRun:
     rounds: list[RoundMetrics]
     params: dict = field(repr=False)
     measured_peak_bytes: dict[str, int] = field(default_factory=dict)
-    compiles: int = 0
+    compiles: int = 0  # group executables this run compiled (others came from the process cache)
+    executables: int = 0  # distinct group executables it ran
 
     def to_json(self) -> dict:
         return {
@@ -119,6 +121,7 @@ class FederatedRun:
             "excluded_clients": self.plan.excluded,
             "measured_peak_bytes": self.measured_peak_bytes,
             "compiles": self.compiles,
+            "executables": self.executables,
             "rounds": [dataclasses.asdict(r) for r in self.rounds],
         }
 
@@ -259,7 +262,7 @@ def run_federated(
     parts = partitions if partitions is not None else partition(train.labels, config.num_clients, config.alpha, config.seed)
     if len(parts) != config.num_clients:
         raise RingjaxError(f"{len(parts)} data partitions for {config.num_clients} clients")
-    runner = GroupRunner(model, optimizers, mesh)
+    runner = GroupRunner(model, optimizers, mesh, compiler_options=dict(config.compiler_options))
     evaluate = make_evaluator(model, eval_spec(method, model), task, config.eval_batch_size, config.buckets) if dev is not None else None
     upload_of = {job: tree_bytes(split_params(jax.eval_shape(lambda p: p, params), job, L)[0]) for job in set(j for j in plan.jobs if j is not None)}
     metric_name = main_metric_name(task) if dev is not None else ""
@@ -291,4 +294,4 @@ def run_federated(
             + f", uploaded {round_bytes / 1e6:.1f} MB ({total_bytes / 1e6:.1f} MB total), {train_seconds:.1f}+{eval_seconds:.1f} s"
         )
     peaks = {f"{j.kind}-{j.depth}": b for j, b in sorted(measured.items(), key=lambda kv: (kv[0].kind, kv[0].depth))}
-    return FederatedRun(method, plan, metric_name, history, server, peaks, runner.compiles)
+    return FederatedRun(method, plan, metric_name, history, server, peaks, runner.compiles, len(runner.shapes_used))

@@ -4,10 +4,35 @@ from __future__ import annotations
 
 from ringjax.errors import RingjaxError
 from ringjax.train.config import TrainConfig
-from ringjax.train.trainer import SINGLE_DEVICE_METHODS, prepare, train_single_device
+from ringjax.train.trainer import SINGLE_DEVICE_METHODS, fit, optim_config, prepare, train_single_device
+
+METHODS = (*SINGLE_DEVICE_METHODS, "ringada", "deft")
+
+
+def run_ringada(config: TrainConfig) -> dict:
+    """RingAda on `config.devices` ring stages, through the shared loop (logs, eval, checkpoints)."""
+    from ringjax.methods.ringada import RingAda
+    from ringjax.parallel.mesh import maybe_initialize_distributed
+    from ringjax.train.optim import make_optimizer
+
+    maybe_initialize_distributed()
+    run = prepare(config)
+    m, total = run.model, run.total_steps()
+    ring = RingAda(m.config, m.peft_config, m.head_config, m.tree(), devices=config.devices,
+                   microbatches=config.microbatches, unfreeze=config.unfreeze,
+                   optimizer=make_optimizer(optim_config(config), total),
+                   stages="balanced" if config.placement == "auto" else config.placement, schedule=config.schedule)
+    return fit(run, ring, total, {"devices": config.devices, "microbatches": config.microbatches,
+                                  "unfreeze": config.unfreeze})
 
 
 def run_method(config: TrainConfig) -> dict:
     if config.method in SINGLE_DEVICE_METHODS:
         return train_single_device(prepare(config))
-    raise RingjaxError(f"unknown method {config.method!r}; choose one of {list(SINGLE_DEVICE_METHODS)}")
+    if config.method == "ringada":
+        return run_ringada(config)
+    if config.method == "deft":
+        from ringjax.methods.deft import train_deft
+
+        return train_deft(prepare(config), config.fleet, config.blocks)
+    raise RingjaxError(f"unknown method {config.method!r}; choose one of {list(METHODS)}")

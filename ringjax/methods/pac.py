@@ -13,8 +13,10 @@ backbone is frozen and only ever runs forward. So:
   no backbone compute after epoch 1: the cached steps never receive the backbone weights.
 
 `train_pac` is the loop the CLI wraps; `bench_pac` measures it next to full fine-tuning and
-Houlsby adapters. Taps travel in a (B, T, K, H) layout (K = stored taps), the cache's per
-token row layout, and are moved to (K, B, T, H) inside the jitted steps.
+Houlsby adapters. Taps travel in a (B, T, K, H) layout (K = stored taps), the cache's
+per-token row layout, which the side network reads directly (`tap_axis=2`).
+
+Not covered: the 'lm' head (PAC here trains classification / regression heads).
 """
 
 from __future__ import annotations
@@ -164,8 +166,8 @@ class RingForward:
                               for j in range(lmax)] for s in range(n)])
         staged = jax.tree.map(lambda x: np.asarray(x)[layer_of], frozen["blocks"])
         rep, by_stage = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P(STAGE))
-        self.embed = jax.device_put(frozen["embed"], rep)
-        self.staged = jax.device_put(staged, by_stage)
+        self.embed = jax.block_until_ready(jax.device_put(frozen["embed"], rep))
+        self.staged = jax.block_until_ready(jax.device_put(staged, by_stage))
         self._rep = rep
         self._fn = _ring_program(cfg, spec, self.sizes, self.microbatches, ac.dtype_name(dtype), self.mesh)
 
@@ -174,7 +176,7 @@ class RingForward:
         if b % self.microbatches:
             raise RingjaxError(f"batch size {b} does not split into {self.microbatches} microbatches")
         keys = ("input_ids", "attention_mask", "token_type_ids")
-        tokens = jax.device_put({k: np.asarray(batch[k]) for k in keys if k in batch}, self._rep)
+        tokens = jax.block_until_ready(jax.device_put({k: np.asarray(batch[k]) for k in keys if k in batch}, self._rep))
         return self._fn(self.embed, self.staged, tokens)
 
 
@@ -403,7 +405,15 @@ def cache_material(cfg: ModelConfig, spec: PeftConfig, frozen: dict, encoded, dt
 
 
 def _put(tree, sharding):
-    return jax.device_put(tree, sharding) if sharding is not None else tree
+    """Place a host batch and wait for the copies to land before any step uses it.
+
+    Waiting matters with emulated CPU devices: XLA:CPU runs host-to-device copies on the same
+    worker pool as the devices' programs, and a collective step dispatched before its inputs
+    have landed can leave some devices blocked in the all-reduce while another device's
+    input copy waits for a free worker (seen here as a rare hang / 40 s rendezvous abort on
+    2 shared cores with 4 devices). The copies are plain memcpys, so waiting costs little.
+    """
+    return jax.block_until_ready(jax.device_put(tree, sharding)) if sharding is not None else tree
 
 
 def train_pac(
@@ -466,8 +476,8 @@ def train_pac(
     step_fn, eval_fn = _side_fns(cfg, spec, head, optimizer, mesh)
     # fresh buffers: the step donates its state, and the caller's params must survive
     home = rep if rep is not None else devices[0]  # committed everywhere, so no step recompiles
-    state = jax.device_put(init_state(optimizer, jax.device_get(trainable)), home)
-    final_dev = jax.device_put(final, home)
+    state = jax.block_until_ready(jax.device_put(init_state(optimizer, jax.device_get(trainable)), home))
+    final_dev = jax.block_until_ready(jax.device_put(final, home))
 
     # --- epoch 1's backbone: ring pipeline over the same devices, or one jitted device
     if pipeline and n_devices > 1:
@@ -479,7 +489,7 @@ def train_pac(
         forward_kind = f"ring pipeline, {n_devices} stages {ring.sizes}, {mb} microbatches"
     else:
         taps_fn = make_taps_fn(cfg, spec, dtype)
-        frozen_dev = jax.device_put(frozen, devices[0])
+        frozen_dev = jax.block_until_ready(jax.device_put(frozen, devices[0]))
         forward = lambda batch: taps_fn(frozen_dev, {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
         forward_kind = "single device"
 
@@ -507,11 +517,11 @@ def train_pac(
                          need_forward=train_builder is not None or dev_builder is not None)
         compile_seconds = time.perf_counter() - t0
 
-    history, epoch_seconds, train_seconds = [], [], []
+    history, epoch_seconds, train_seconds, epoch_cpu = [], [], [], []
     cache_hit = train_cache is not None
     try:
         for epoch in range(epochs):
-            began = time.perf_counter()
+            began, began_cpu = time.perf_counter(), time.process_time()
             losses = []
             live = train_cache is None
             if live:
@@ -535,8 +545,10 @@ def train_pac(
                                           by_row, metric)
             jax.block_until_ready(state)
             epoch_seconds.append(time.perf_counter() - began)
+            epoch_cpu.append(time.process_time() - began_cpu)
             train_seconds.append(trained)
             record["seconds"] = epoch_seconds[-1]
+            record["cpu_seconds"] = epoch_cpu[-1]
             history.append(record)
             if log is not None:
                 log(record)
@@ -550,6 +562,7 @@ def train_pac(
         "method": "pac",
         "epochs": history,
         "epoch_seconds": epoch_seconds,
+        "epoch_cpu_seconds": epoch_cpu,  # process CPU time: the work done, robust to a shared machine's load
         "train_seconds_per_epoch": train_seconds,
         "compile_seconds": compile_seconds,
         "key_seconds": key_seconds,
@@ -827,9 +840,9 @@ def train_baseline(cfg, spec, head, params, train, dev, epochs, batch_size, opti
         jax.block_until_ready(throwaway)
         compile_seconds = time.perf_counter() - t0
     metric = _default_metric(head)
-    history, seconds = [], []
+    history, seconds, cpu = [], [], []
     for epoch in range(epochs):
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.process_time()
         losses = []
         for batch in stream.epoch(epoch):
             state, m = step(state, frozen, {k: v for k, v in batch.items() if k != "index"})
@@ -847,9 +860,11 @@ def train_baseline(cfg, spec, head, params, train, dev, epochs, batch_size, opti
             record["dev"] = metric(preds, dev.labels)
         jax.block_until_ready(state)
         seconds.append(time.perf_counter() - began)
+        cpu.append(time.process_time() - began_cpu)
         record["seconds"] = seconds[-1]
+        record["cpu_seconds"] = cpu[-1]
         history.append(record)
         if log is not None:
             log({"method": spec.kind, **record})
-    return {"epoch_seconds": seconds, "compile_seconds": compile_seconds, "epochs": history,
+    return {"epoch_seconds": seconds, "epoch_cpu_seconds": cpu, "compile_seconds": compile_seconds, "epochs": history,
             "dev": history[-1].get("dev") if history else None, "total_seconds": float(sum(seconds))}

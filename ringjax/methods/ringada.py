@@ -31,6 +31,13 @@ from ringjax.train.optim import masked_apply
 from ringjax.train.step import TrainState, init_state
 
 
+def local(x) -> np.ndarray:
+    """Host copy of a replicated array, also in multi-process runs (where it is not fully addressable)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(x.addressable_data(0))
+    return np.asarray(x)
+
+
 def make_ring_train_step(pipeline: RingPipeline, optimizer: optax.GradientTransformation, params_like: dict):
     """A jitted (state, frozen, data) -> (state, {"loss"}) step: the single-device step's update
     (`masked_apply` with the depth's layer mask) on the ring's loss and gradients."""
@@ -43,7 +50,8 @@ def make_ring_train_step(pipeline: RingPipeline, optimizer: optax.GradientTransf
         trainable, opt_state = masked_apply(optimizer, grads, state.opt_state, state.trainable, trainable_factors)
         return TrainState(trainable, opt_state, state.step + 1), {"loss": loss}
 
-    return jax.jit(train_step, donate_argnums=0, out_shardings=replicated(pipeline.mesh))
+    return jax.jit(train_step, donate_argnums=0, out_shardings=replicated(pipeline.mesh),
+                   compiler_options=pipeline.compiler_options)
 
 
 class RingAda:
@@ -61,13 +69,15 @@ class RingAda:
         unfreeze: UnfreezeSchedule | str = "all",
         optimizer: optax.GradientTransformation,
         stages: str | tuple[int, ...] | None = "equal",
-        schedule: str = "gpipe",
+        schedule: str = "1f1b",
         residuals: str = "keep",
         mesh=None,
+        compiler_options: dict | None = None,
     ):
         self.cfg, self.spec, self.head, self.optimizer = cfg, spec, head, optimizer
         self.mesh = make_stage_mesh(devices) if mesh is None else mesh
         self.microbatches, self.stages, self.schedule, self.residuals = microbatches, stages, schedule, residuals
+        self.compiler_options = compiler_options
         self.unfreeze = UnfreezeSchedule.parse(unfreeze, cfg.num_layers) if isinstance(unfreeze, str) else unfreeze
         self.params_like = params
         trainable, frozen = split(params, leaf_mask(params, spec))
@@ -90,7 +100,8 @@ class RingAda:
     def _compiled(self, depth: int):
         if depth not in self._steps:
             pipe = RingPipeline(self.cfg, self.spec, self.head, self.mesh, self.placement(depth), self.microbatches,
-                                depth, schedule=self.schedule, residuals=self.residuals)
+                                depth, schedule=self.schedule, residuals=self.residuals,
+                                compiler_options=self.compiler_options)
             self._steps[depth] = (pipe, make_ring_train_step(pipe, self.optimizer, self.params_like))
         return self._steps[depth]
 
@@ -101,7 +112,7 @@ class RingAda:
 
     @property
     def step(self) -> int:
-        return int(self.state.step)
+        return int(local(self.state.step))
 
     def depth(self, step: int | None = None) -> int:
         return self.unfreeze.depth(self.step if step is None else step, self.history)
@@ -113,7 +124,7 @@ class RingAda:
         pipe, fn = self._compiled(depth)
         start = time.perf_counter()
         self.state, metrics = fn(self.state, self._frozen_for(pipe), pipe.shard_batch(batch))
-        loss = float(metrics["loss"])
+        loss = float(local(metrics["loss"]))
         return {"step": step + 1, "loss": loss, "depth": depth, "stages": list(pipe.placement.sizes),
                 "seconds": time.perf_counter() - start}
 
@@ -138,11 +149,11 @@ class RingAda:
     # ---- parameters and checkpoints ---------------------------------------------------------
     def params(self) -> dict:
         """The full parameter tree (host arrays), as the single-device code takes it."""
-        return merge(jax.tree.map(np.asarray, self.state.trainable), self.frozen)
+        return merge(jax.tree.map(local, self.state.trainable), self.frozen)
 
     def state_dict(self) -> dict:
         """What a checkpoint needs: train state (host arrays) and the unfreeze phase."""
-        return {"train_state": jax.tree.map(np.asarray, self.state),
+        return {"train_state": jax.tree.map(local, self.state),
                 "unfreeze": self.unfreeze.state_dict(self.history, self.step)}
 
     def load_state_dict(self, state: dict) -> None:

@@ -19,7 +19,6 @@ Method (what the numbers mean):
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 
@@ -27,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ringjax.bench import compiled_flops, peak_bytes, single_device_step
+from ringjax.models.backbone import embed
 from ringjax.models.heads import apply_head, example_losses
 from ringjax.models.layers import attention_bias
 from ringjax.parallel.mesh import make_stage_mesh, put_tree
@@ -34,33 +35,7 @@ from ringjax.parallel.placement import plan_stages
 from ringjax.parallel.ring import RingPipeline
 from ringjax.peft.trainable import layer_mask, leaf_mask, split
 from ringjax.train.optim import OptimConfig, make_optimizer, masked_apply
-from ringjax.train.step import init_state, make_train_step
-
-
-@contextlib.contextmanager
-def unrolled_scans():
-    """Trace with every `lax.scan` fully unrolled (for cost analysis of scanned layers)."""
-    original = jax.lax.scan
-
-    def scan(f, init, xs=None, length=None, reverse=False, unroll=1, **kwargs):
-        return original(f, init, xs, length=length, reverse=reverse, unroll=True, **kwargs)
-
-    jax.lax.scan = scan
-    try:
-        yield
-    finally:
-        jax.lax.scan = original
-
-
-def _flops(compiled) -> float:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", 0.0))
-
-
-def _peak(compiled) -> int:
-    m = compiled.memory_analysis()
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+from ringjax.train.step import init_state
 
 
 def _abstract(tree):
@@ -68,7 +43,7 @@ def _abstract(tree):
 
 
 def _cost(fn, *args) -> float:
-    return _flops(jax.jit(fn).lower(*args).compile())
+    return compiled_flops(jax.jit(fn).lower(*args).compile())
 
 
 def action_flops(pipe: RingPipeline, params: dict, batch_size: int, seq: int) -> dict:
@@ -83,8 +58,6 @@ def action_flops(pipe: RingPipeline, params: dict, batch_size: int, seq: int) ->
     bias = jax.ShapeDtypeStruct((mb, 1, seq, seq), jnp.float32)
     ids = jax.ShapeDtypeStruct((mb, seq), jnp.int32)
     costs = {}
-    from ringjax.models.backbone import embed
-
     embed_flops = _cost(lambda e, i, m: embed(cfg, {"embed": e}, {"input_ids": i, "attention_mask": m}),
                         _abstract(params["embed"]), ids, ids)
     bias_flops = _cost(lambda m: attention_bias(m, cfg.causal), ids)
@@ -118,38 +91,22 @@ def device_flops(pipe: RingPipeline, costs: dict, update_flops: float) -> list[f
     return per
 
 
-def _batch(cfg, batch_size: int, seq: int, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    high = min(cfg.vocab_size, 20000)
-    return {
-        "input_ids": rng.integers(min(1000, high - 1), high, (batch_size, seq)).astype(np.int32),
-        "attention_mask": np.ones((batch_size, seq), np.int32),
-        "labels": rng.integers(0, 2, (batch_size,)).astype(np.int32),
-    }
-
-
 def bench_ring(model: str = "minilm", devices: int = 4, microbatches: int = 8, batch: int = 32, seq: int = 64,
-               depths=(1, 3, 6), *, peft: str = "houlsby", schedule: str = "gpipe", residuals: str = "keep",
-               stages="equal", repeats: int = 5, model_obj=None) -> dict:
+               depths=(1, 3, 6), *, peft: str = "houlsby", schedule: str = "1f1b", residuals: str = "keep",
+               stages="equal", repeats: int = 5) -> dict:
     """Seconds, FLOPs and peak bytes of the ring step per unfreeze depth and of the single-device step."""
     import ringjax
 
-    m = model_obj or ringjax.load_model(model, head="classification", peft=peft)
+    m = ringjax.load_model(model, head="classification", peft=peft)
     cfg, spec, head, params = m.config, m.peft_config, m.head_config, m.tree()
     L = cfg.num_layers
     optimizer = make_optimizer(OptimConfig(), 1000)
     trainable, frozen = split(params, leaf_mask(params, spec))
-    host_batch = _batch(cfg, batch, seq)
 
-    # single device, all blocks trainable (the reference)
-    dev0 = jax.devices()[0]
-    single = make_train_step(cfg, spec, head, optimizer, params, L)
-    s_state = jax.device_put(init_state(optimizer, trainable), dev0)
-    s_frozen = jax.device_put(frozen, dev0)
-    s_batch = jax.device_put({k: jnp.asarray(v) for k, v in host_batch.items()}, dev0)
-    s_compiled = single.lower(s_state, s_frozen, s_batch).compile()
-    with unrolled_scans():
-        s_flops = _flops(make_train_step(cfg, spec, head, optimizer, params, L).lower(s_state, s_frozen, s_batch).compile())
+    # the single-device step with every block trainable: the reference (scan, and its unrolled twin for FLOPs)
+    s_compiled, s_state, s_frozen, s_batch = single_device_step(model, peft, batch, seq)
+    s_flops = compiled_flops(single_device_step(model, peft, batch, seq, unroll=True)[0])
+    host_batch = {k: np.asarray(v) for k, v in s_batch.items()}
 
     # the optimizer update every ring device runs (replicated)
     factors = layer_mask(params, spec, L, L)
@@ -164,12 +121,7 @@ def bench_ring(model: str = "minilm", devices: int = 4, microbatches: int = 8, b
     mesh = make_stage_mesh(devices)
     runs = []
     for depth in depths:
-        if stages == "balanced":
-            from ringjax.parallel.placement import block_costs
-
-            placement = plan_stages(L, devices, "balanced", costs=block_costs(L, depth))
-        else:
-            placement = plan_stages(L, devices, stages)
+        placement = plan_stages(L, devices, stages, depth=depth)
         pipe = RingPipeline(cfg, spec, head, mesh, placement, microbatches, depth, schedule=schedule, residuals=residuals)
         step = make_ring_train_step(pipe, optimizer, params)
         state = put_tree(state0, mesh)
@@ -177,7 +129,7 @@ def bench_ring(model: str = "minilm", devices: int = 4, microbatches: int = 8, b
         compiled = step.lower(state, placed, data).compile()
         costs = action_flops(pipe, params, batch, seq)
         runs.append(dict(depth=depth, pipe=pipe, compiled=compiled, state=state, frozen=placed, data=data,
-                         costs=costs, flops=device_flops(pipe, costs, update_flops), peak=_peak(compiled), times=[]))
+                         costs=costs, flops=device_flops(pipe, costs, update_flops), peak=peak_bytes(compiled), times=[]))
 
     s_times = []
     for r in runs:  # warm up
@@ -195,7 +147,7 @@ def bench_ring(model: str = "minilm", devices: int = 4, microbatches: int = 8, b
             r["times"].append(time.perf_counter() - t)
 
     return {
-        "single_device": {"seconds_per_step": statistics.median(s_times), "flops": s_flops, "peak_bytes": _peak(s_compiled)},
+        "single_device": {"seconds_per_step": statistics.median(s_times), "flops": s_flops, "peak_bytes": peak_bytes(s_compiled)},
         "depths": [
             {
                 "depth": r["depth"],

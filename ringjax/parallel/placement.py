@@ -1,19 +1,22 @@
-"""Placement: which contiguous blocks each pipeline stage holds.
+"""Which contiguous blocks each ring stage holds, and the padded layout the engine uses.
 
-A `Placement` splits L blocks into N contiguous, non-empty stages: stage d holds blocks
-`starts[d] .. stops[d] - 1` and runs on device d of the `stage` mesh axis. Sizes come from the
-user, an equal split, or a balance of per-block costs (a frozen block costs about a third of a
-trainable one: forward only, versus forward, backward to the input and the adapter gradients).
+The splits come from the planner (`ringjax.plan.placement`): equal, user-given, or the
+bottleneck-optimal split of per-block costs under a memory limit. `Placement` adds what the
+SPMD engine needs: every device holds a slab of `max_size` blocks (shorter stages padded), so
+the stacked (L, ...) weights are re-laid out as (N * max_size, ...) and sharded over `stage`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ringjax.errors import RingjaxError
+from ringjax.plan.placement import at_depth, equal_split, evaluate_split, optimal_placement, split_from_sizes
+from ringjax.plan.profiles import format_size
 
-FROZEN_BLOCK_COST = 1.0 / 3.0  # forward only, relative to forward + backward of a trainable block
+FROZEN_BLOCK_COST = 1.0 / 3.0  # forward only, against forward + backward of a trainable block
 
 
 @dataclass(frozen=True)
@@ -39,86 +42,22 @@ class Placement:
 
     @property
     def starts(self) -> tuple[int, ...]:
-        out, acc = [], 0
-        for s in self.sizes:
-            out.append(acc)
-            acc += s
-        return tuple(out)
-
-    @property
-    def stops(self) -> tuple[int, ...]:
-        return tuple(a + s for a, s in zip(self.starts, self.sizes))
-
-    def stage_of(self, layer: int) -> int:
-        for d, (a, b) in enumerate(zip(self.starts, self.stops)):
-            if a <= layer < b:
-                return d
-        raise IndexError(layer)
+        return tuple(sum(self.sizes[:d]) for d in range(self.num_stages))
 
     def padded_index(self) -> list[int]:
-        """For the (stage, slot) layout with `max_size` slots per stage: the block in each slot.
-
-        Padding slots repeat the stage's first block (never run; they only keep shapes equal).
-        """
-        out = []
-        for a, s in zip(self.starts, self.sizes):
-            out += [a + j for j in range(s)] + [a] * (self.max_size - s)
-        return out
+        """The block in each slot of the (stage, slot) layout; padding slots repeat the stage's
+        first block (they are never run, they only keep every device's slab the same shape)."""
+        S = self.max_size
+        return [a + j if j < s else a for a, s in zip(self.starts, self.sizes) for j in range(S)]
 
     def unpadded_index(self) -> list[int]:
         """Position of block l in the flattened (stage, slot) layout."""
         return [d * self.max_size + j for d, s in enumerate(self.sizes) for j in range(s)]
 
 
-def block_costs(num_layers: int, depth: int, frozen_cost: float = FROZEN_BLOCK_COST) -> list[float]:
-    """Relative cost per block when the top `depth` blocks train."""
-    return [1.0 if l >= num_layers - depth else frozen_cost for l in range(num_layers)]
-
-
-def equal_sizes(num_layers: int, num_stages: int) -> tuple[int, ...]:
-    _check_counts(num_layers, num_stages)
-    q, r = divmod(num_layers, num_stages)
-    return tuple(q + (1 if d < r else 0) for d in range(num_stages))
-
-
-def balanced_sizes(costs: Sequence[float], num_stages: int) -> tuple[int, ...]:
-    """Contiguous split minimising the largest stage cost (exact dynamic programme).
-
-    Ties prefer putting more blocks in lower stages (they are the ones that stay frozen longest).
-    """
-    L = len(costs)
-    _check_counts(L, num_stages)
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + float(c))
-    inf = float("inf")
-    # best[k][i]: min over splits of the first i blocks into k stages of the max stage cost
-    best = [[inf] * (L + 1) for _ in range(num_stages + 1)]
-    cut = [[0] * (L + 1) for _ in range(num_stages + 1)]
-    best[0][0] = 0.0
-    for k in range(1, num_stages + 1):
-        for i in range(k, L - (num_stages - k) + 1):
-            for j in range(i - 1, k - 2, -1):  # last stage is blocks j..i-1, smallest first
-                if best[k - 1][j] == inf:
-                    continue
-                value = max(best[k - 1][j], prefix[i] - prefix[j])
-                if value < best[k][i] - 1e-12:
-                    best[k][i], cut[k][i] = value, j
-    sizes, i = [], L
-    for k in range(num_stages, 0, -1):
-        j = cut[k][i]
-        sizes.append(i - j)
-        i = j
-    return tuple(reversed(sizes))
-
-
-def _check_counts(num_layers: int, num_stages: int) -> None:
-    if num_stages < 1:
-        raise RingjaxError(f"a ring needs at least one stage; got {num_stages}")
-    if num_stages > num_layers:
-        raise RingjaxError(
-            f"{num_stages} stages for {num_layers} blocks: every stage needs a block; use at most {num_layers} devices"
-        )
+def block_costs(num_layers: int, depth: int, frozen_cost: float = FROZEN_BLOCK_COST) -> tuple[float, ...]:
+    """Relative cost per block when the top `depth` blocks train (a frozen block: about a third)."""
+    return at_depth([1.0] * num_layers, [frozen_cost] * num_layers, depth)
 
 
 def plan_stages(
@@ -134,45 +73,34 @@ def plan_stages(
 ) -> Placement:
     """Split `num_layers` blocks into `num_stages` contiguous stages.
 
-    sizes: explicit sizes, "equal" (default), or "balanced" (from `costs`, or from
-    `block_costs(num_layers, depth)` when only a depth is given). With `memory_limit`, each stage
-    needs `fixed_bytes` (embedding, head, buffers) plus its blocks' `block_bytes`.
+    sizes: "equal" (default, lower stages take the extra blocks), "balanced" (minimise the
+    largest stage cost; costs default to `block_costs(num_layers, depth)`), or explicit sizes
+    (a sequence or "2,2,1,1"). With `memory_limit`, a stage needs `fixed_bytes` (embedding,
+    head, buffers) plus its blocks' `block_bytes`, and a split that does not fit is an error.
     """
-    _check_counts(num_layers, num_stages)
+    per_block = [float(block_bytes)] * num_layers if isinstance(block_bytes, (int, float)) else [float(b) for b in block_bytes]
+    if len(per_block) != num_layers:
+        raise RingjaxError(f"{len(per_block)} block sizes for {num_layers} blocks; give one per block")
     if sizes is None or sizes == "equal":
-        out = equal_sizes(num_layers, num_stages)
+        out = equal_split(num_layers, num_stages)
     elif sizes == "balanced":
-        if costs is None:
-            costs = block_costs(num_layers, num_layers if depth is None else depth)
+        costs = block_costs(num_layers, num_layers if depth is None else depth) if costs is None else tuple(costs)
         if len(costs) != num_layers:
             raise RingjaxError(f"{len(costs)} block costs for {num_layers} blocks; give one cost per block")
-        out = balanced_sizes(costs, num_stages)
-    elif isinstance(sizes, str):
+        limit = math.inf if memory_limit is None else memory_limit - fixed_bytes
+        out = optimal_placement(costs, per_block, [1.0] * num_stages, [limit] * num_stages).sizes
+    elif isinstance(sizes, str) and not any(c.isdigit() for c in sizes):
         raise RingjaxError(f"unknown stage split {sizes!r}; use 'equal', 'balanced' or sizes like 2,2,1,1")
     else:
-        out = tuple(int(s) for s in sizes)
+        out = split_from_sizes(sizes, num_layers)
         if len(out) != num_stages:
-            raise RingjaxError(f"{len(out)} stage sizes {list(out)} for {num_stages} devices; give one size per device")
-        if sum(out) != num_layers:
-            raise RingjaxError(f"stage sizes {list(out)} sum to {sum(out)}, but the model has {num_layers} blocks")
-    placement = Placement(out)
+            raise RingjaxError(f"{len(out)} stage sizes for {num_stages} devices; give one size per device")
     if memory_limit is not None:
-        per_block = [float(block_bytes)] * num_layers if isinstance(block_bytes, (int, float)) else list(block_bytes)
-        for d, (a, b) in enumerate(zip(placement.starts, placement.stops)):
-            need = fixed_bytes + sum(per_block[a:b])
-            if need > memory_limit:
+        used = evaluate_split(out, [0.0] * num_layers, per_block, [1.0] * num_stages).stage_memory_bytes
+        for d, blocks in enumerate(used):
+            if fixed_bytes + blocks > memory_limit:
                 raise RingjaxError(
-                    f"stage {d} (blocks {a}-{b - 1}) needs {need / 2**20:.1f} MiB but the device limit is "
-                    f"{memory_limit / 2**20:.1f} MiB; use more devices or smaller stages"
+                    f"stage {d} ({out[d]} blocks) needs {format_size(fixed_bytes + blocks)} but a device has "
+                    f"{format_size(memory_limit)}; use more devices or smaller stages"
                 )
-    return placement
-
-
-def parse_sizes(text: str | None):
-    """CLI form: None/'equal'/'balanced' or '2,2,1,1'."""
-    if text is None or text in ("equal", "balanced"):
-        return text
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise RingjaxError(f"cannot read stage sizes {text!r}; write 'equal', 'balanced' or sizes like 2,2,1,1") from None
+    return Placement(out)

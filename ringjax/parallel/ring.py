@@ -39,7 +39,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from ringjax.errors import RingjaxError
-from ringjax.models.backbone import arch, embed as embed_tokens
+from ringjax.models.backbone import arch, embed as embed_tokens, run_blocks
 from ringjax.models.config import ModelConfig
 from ringjax.models.heads import HeadConfig, apply_head, example_losses
 from ringjax.models.layers import attention_bias
@@ -82,9 +82,10 @@ class RingPipeline:
         placement: Placement,
         num_microbatches: int,
         depth: int,
-        schedule: str = "gpipe",
+        schedule: str = "1f1b",
         residuals: str = "keep",
         unroll: bool = False,
+        compiler_options: dict | None = None,
     ):
         if spec.kind not in ("adapter", "lora"):
             raise RingjaxError(
@@ -120,8 +121,8 @@ class RingPipeline:
         self._pad = np.array(placement.padded_index(), np.int32)
         self._unpad = np.array(placement.unpadded_index(), np.int32)
         self._arch = arch(cfg)
-        self._block = self._arch.block
-        self._step = jax.jit(self.loss_and_grads)
+        self.compiler_options = compiler_options
+        self._step = jax.jit(self.loss_and_grads, compiler_options=compiler_options)
 
     # ---- layout -------------------------------------------------------------------------
     def stage_tree(self, tree):
@@ -173,16 +174,10 @@ class RingPipeline:
         return jax.tree.map(lambda x: x[start:stop], tree)
 
     def _run(self, W, Pf, h, bias):
-        """Blocks W (stacked) with adapters Pf over h, under `lax.scan` (`unroll`: fully unrolled)."""
-        n = jax.tree.leaves(W)[0].shape[0]
-        if n == 0:
+        """Blocks W (stacked) with adapters Pf over h (`unroll`: the layer scan unrolled, for FLOP counts)."""
+        if jax.tree.leaves(W)[0].shape[0] == 0:
             return h
-
-        def step(h, layer):
-            w, pf = layer
-            return self._block(self.cfg, w, h, bias, pf, self.spec), None
-
-        return jax.lax.scan(step, h, (W, Pf), unroll=n if self.unroll else 1)[0]
+        return run_blocks(self.cfg, self.spec, W, Pf, h, bias, False, self.unroll)[0]
 
     def _stage_fwd(self, prog: StageProgram, blocks, peft, h, bias):
         """(output, residual leaves to keep) of one microbatch through one stage."""

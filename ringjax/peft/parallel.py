@@ -33,6 +33,8 @@ from ringjax.errors import RingjaxError
 from ringjax.models.layers import attention_bias, dot_product_attention, layer_norm
 from ringjax.peft.ops import activation
 
+UNROLL = True  # the side network is a handful of small layers: unrolled, XLA fuses across them
+
 
 def side_width(spec, hidden: int) -> int:
     return max(1, hidden // spec.side_reduction)
@@ -154,5 +156,5 @@ def side_output(spec, side, taps, h_final, attention_mask=None, causal: bool = F
             s = s + dot_product_attention(q, k, v, bias) @ p["attn"]["out"]["kernel"]
         return s, None
 
-    s, _ = jax.lax.scan(step, s, (per_layer, projected))
+    s, _ = jax.lax.scan(step, s, (per_layer, projected), unroll=UNROLL)
     return h_final + (s @ side["out"]["kernel"] + side["out"]["bias"]).astype(h_final.dtype)

@@ -22,7 +22,7 @@ from ringjax.peft.trainable import count, layer_mask
 from ringjax.train.checkpoint import Checkpointer, run_identity
 from ringjax.train.config import TrainConfig
 from ringjax.train.optim import OptimConfig, make_optimizer
-from ringjax.train.step import init_state, make_eval_step, make_train_step
+from ringjax.train.step import TrainState, init_state, make_eval_step, make_train_step
 
 SINGLE_DEVICE_METHODS = ("full", "lora", "houlsby", "pfeiffer", "parallel", "top-t")
 
@@ -120,50 +120,89 @@ def optim_config(config: TrainConfig) -> OptimConfig:
     return OptimConfig(lr=config.learning_rate, weight_decay=config.weight_decay, warmup_ratio=config.warmup_ratio)
 
 
-def train_single_device(run: Run) -> dict:
-    """Plain jitted training on one device, with evaluation, metrics log and exact resume."""
+class SingleDevice:
+    """Plain jitted training on one device; the trainer protocol `fit` drives:
+    `train_step(batch) -> metrics`, `params()`, `depth()`, `state_dict()`, `load_state_dict()`."""
+
+    def __init__(self, run: Run, optimizer):
+        m = run.model
+        params = m.tree()
+        trainable, self.frozen = split(params, leaf_mask(params, m.peft_config))
+        self.state = init_state(optimizer, trainable)
+        self._depth = m.depth
+        self._step = make_train_step(m.config, m.peft_config, m.head_config, optimizer, params, self._depth)
+
+    def depth(self) -> int:
+        return self._depth
+
+    def train_step(self, batch: dict) -> dict:
+        self.state, metrics = self._step(self.state, self.frozen, batch)
+        return {"loss": float(metrics["loss"])}
+
+    def params(self) -> dict:
+        return merge(self.state.trainable, self.frozen)
+
+    def state_dict(self) -> dict:
+        return {"train_state": self.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = TrainState(*state["train_state"])
+
+
+def fit(run: Run, trainer, total: int, extra_summary: dict | None = None) -> dict:
+    """The loop every batch-stream method shares: metrics log, progress, periodic evaluation,
+    orbax checkpoints with exact resume, and the final summary and trainable export."""
     c, m = run.config, run.model
-    params = m.tree()
-    trainable, frozen = split(params, leaf_mask(params, m.peft_config))
-    total = run.total_steps()
-    optimizer = make_optimizer(optim_config(c), total)
-    state = init_state(optimizer, trainable)
     ckpt = Checkpointer(run.out)
     identity = run_identity(c) | {"learning_rate": c.learning_rate}
     start = 0
     if c.resume:
-        state, record = ckpt.restore(state, identity)
+        saved = trainer.state_dict()
+        restored, record = ckpt.restore(saved["train_state"], identity)
+        trainer.load_state_dict({**record.get("extra", {}), "train_state": restored})
         start = record["data_position"]
     log = MetricsLog(run.out / "metrics.jsonl", start if c.resume else None)
-    depth = m.depth
-    step_fn = make_train_step(m.config, m.peft_config, m.head_config, optimizer, params, depth)
     eval_step = make_eval_step(m.config, m.peft_config, m.head_config)
-    stream = run.batch_stream()
+
+    def save(step):
+        state = trainer.state_dict()
+        extra = {k: v for k, v in state.items() if k != "train_state"}
+        ckpt.save(step, state["train_state"], {"data_position": step, "seed": c.seed, "identity": identity, "extra": extra})
+
     began = time.perf_counter()
+    loss = None
     bar = tqdm(total=total, initial=start, disable=not c.progress, desc=f"{c.method} {c.task}", unit="step")
-    for step, batch in enumerate(stream.batches(start=start, stop=total), start=start + 1):
-        batch = {k: v for k, v in batch.items() if k != "index"}
-        state, metrics = step_fn(state, frozen, batch)
-        loss = float(metrics["loss"])
-        log.write({"step": step, "loss": loss})
+    for step, batch in enumerate(run.batch_stream().batches(start=start, stop=total), start=start + 1):
+        metrics = trainer.train_step({k: v for k, v in batch.items() if k != "index"})
+        loss = metrics["loss"]
+        log.write({**metrics, "step": step})
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         if c.eval_every and step % c.eval_every == 0 and step < total:
-            log.write({"step": step, "dev": evaluate(run, merge(state.trainable, frozen), eval_step)})
+            dev = evaluate(run, trainer.params(), eval_step)
+            if hasattr(trainer, "observe_dev_loss"):  # drives plateau unfreezing
+                trainer.observe_dev_loss(dev["loss"])
+            log.write({"step": step, "dev": dev})
         if c.checkpoint_every and step % c.checkpoint_every == 0:
-            ckpt.save(step, state, {"data_position": step, "seed": c.seed, "identity": identity})
+            save(step)
     bar.close()
     train_seconds = time.perf_counter() - began
-    dev = evaluate(run, merge(state.trainable, frozen), eval_step)
+    final_params = trainer.params()
+    dev = evaluate(run, final_params, eval_step)
     log.write({"step": total, "dev": dev})
-    final_params = merge(state.trainable, frozen)
+    params = m.tree()
     save_trainable(run.out, final_params, leaf_mask(params, m.peft_config), m.config, m.peft_config, m.head_config)
     if c.checkpoint_every:
-        ckpt.save(total, state, {"data_position": total, "seed": c.seed, "identity": identity})
-    factors = layer_mask(params, m.peft_config, depth, m.config.num_layers)
+        save(total)
+    factors = layer_mask(params, m.peft_config, trainer.depth(), m.config.num_layers)
     return write_summary(run, {
         "method": c.method, "task": c.task, "model": c.model,
         "dev_metric": dev[run.task.metric], "dev_metric_name": run.task.metric, "dev": dev,
         "train_seconds": train_seconds, "steps": total, "trainable_params": count(params, factors),
-        "final_loss": loss if total > start else None,
+        "final_loss": loss, **(extra_summary or {}),
     })
+
+
+def train_single_device(run: Run) -> dict:
+    total = run.total_steps()
+    return fit(run, SingleDevice(run, make_optimizer(optim_config(run.config), total)), total)
