@@ -49,3 +49,7 @@ def tiny_bert_dir(tmp_path_factory):
                 tensors[f"encoder.layer.{i}.{hf_name}.bias"] = np.asarray(p["bias"][i])
     save_file(tensors, str(directory / "model.safetensors"))
     return directory
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "multiprocess: starts several local processes joined by jax.distributed (gloo)")

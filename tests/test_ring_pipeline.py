@@ -6,6 +6,7 @@ uneven stages, cuts inside a stage and at a stage boundary, both schedules and b
 modes without taking the full product.
 """
 
+import functools
 from functools import partial
 
 import jax
@@ -24,8 +25,9 @@ FAST = {"xla_backend_optimization_level": 0}  # tiny programs: compile time domi
 L = 6
 
 
-@pytest.fixture(scope="module")
-def tiny():
+@functools.cache
+def tiny_model():
+    """A tiny 6-block BERT with Houlsby adapters (built once per process, shared by the ring tests)."""
     cfg = ringjax.ModelConfig(arch="bert", vocab_size=100, hidden_size=32, num_layers=L, num_heads=4,
                               intermediate_size=64, max_position=64, norm_eps=1e-12, activation="gelu", type_vocab_size=2)
     key = jax.random.key(0)
@@ -36,6 +38,11 @@ def tiny():
     params["peft"] = jax.tree.map(lambda x: np.asarray(x) + 0.2 * rng.standard_normal(x.shape, np.float32), params["peft"])
     trainable, frozen = split(params, leaf_mask(params, spec))
     return cfg, spec, head, params, trainable, frozen
+
+
+@pytest.fixture
+def tiny():
+    return tiny_model()
 
 
 def make_batch(with_mask: bool, B: int = 8, T: int = 8, seed: int = 0) -> dict:
@@ -72,14 +79,24 @@ CASES = [  # N, M, depth, stage sizes, schedule, residuals, example_mask
 ]
 
 
-@pytest.mark.parametrize("N,M,depth,sizes,schedule,residuals,with_mask", CASES)
-def test_ring_loss_and_gradients_equal_single_device(tiny, N, M, depth, sizes, schedule, residuals, with_mask):
-    cfg, spec, head, _, trainable, frozen = tiny
+@functools.cache
+def ring_result(N, M, depth, sizes, schedule, residuals, with_mask):
+    """(loss, grads) of one case on N devices (emulated here, or N processes in test_multiprocess)."""
+    cfg, spec, head, _, trainable, frozen = tiny_model()
     batch = make_batch(with_mask)
     pipe = RingPipeline(cfg, spec, head, make_stage_mesh(N), plan_stages(L, N, sizes), M, depth,
                         schedule=schedule, residuals=residuals, compiler_options=FAST)
-    loss, grads = pipe(trainable, pipe.place_frozen(frozen), pipe.shard_batch(batch))
-    ref_loss, ref_grads = reference(tiny, depth, batch)
+    replicated = jax.sharding.NamedSharding(pipe.mesh, jax.sharding.PartitionSpec())
+    step = jax.jit(pipe.loss_and_grads, out_shardings=replicated, compiler_options=FAST)
+    loss, grads = step(trainable, pipe.place_frozen(frozen), pipe.shard_batch(batch))
+    local = lambda x: np.asarray(x.addressable_data(0))  # noqa: E731 - replicated: any copy is the whole value
+    return float(local(loss)), jax.tree.map(local, grads)
+
+
+@pytest.mark.parametrize("N,M,depth,sizes,schedule,residuals,with_mask", CASES)
+def test_ring_loss_and_gradients_equal_single_device(tiny, N, M, depth, sizes, schedule, residuals, with_mask):
+    loss, grads = ring_result(N, M, depth, sizes, schedule, residuals, with_mask)
+    ref_loss, ref_grads = reference(tiny, depth, make_batch(with_mask))
 
     assert jax.tree.structure(grads) == jax.tree.structure(ref_grads)
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6, atol=1e-6)

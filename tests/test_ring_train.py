@@ -1,12 +1,13 @@
-"""RingAda training steps: the same updates as the single-device step, exactly zero updates for
-frozen adapters, optimizer state kept across an unfreeze, and checkpoints that resume the phase."""
+"""RingAda training (`RingAda.train`, which `train_ringada` drives): the single-device step's
+updates, exactly zero updates for frozen adapters, optimizer state kept across an unfreeze, and
+checkpoints that resume in the same phase."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from test_ring_pipeline import FAST, L, make_batch, tiny  # noqa: F401 - the fixture
 
-from ringjax.methods.ringada import RingAda, train_ringada
+from ringjax.methods.ringada import RingAda
 from ringjax.train.optim import OptimConfig, make_optimizer
 from ringjax.train.step import init_state, make_train_step
 
@@ -17,15 +18,15 @@ def test_ringada_matches_single_device_updates_across_an_unfreeze(tiny):  # noqa
     optimizer = make_optimizer(OptimConfig(lr=1e-3, warmup_ratio=0.0, decay="constant"), 10)
     run = RingAda(cfg, spec, head, params, devices=2, microbatches=2, unfreeze="0:1,1:2", optimizer=optimizer,
                   stages=(4, 2), compiler_options=FAST)
-    ref = init_state(optimizer, trainable)
+    ref = init_state(optimizer, jax.tree.map(jnp.array, trainable))  # the step donates its state
     device_batch = {k: jnp.asarray(v) for k, v in batch.items()}
-    for depth in (1, 2):
-        metrics = run.train_step(batch)
+    metrics = list(run.train(iter([batch, batch, batch]), steps=2))
+    assert [(m["step"], m["depth"], m["stages"]) for m in metrics] == [(1, 1, [4, 2]), (2, 2, [4, 2])]
+    for depth, m in zip((1, 2), metrics):
         ref, ref_metrics = make_train_step(cfg, spec, head, optimizer, params, depth)(ref, frozen, device_batch)
-        assert metrics["depth"] == depth
-        np.testing.assert_allclose(metrics["loss"], float(ref_metrics["loss"]), rtol=1e-6)
-        for got, want in zip(jax.tree.leaves(run.state.trainable), jax.tree.leaves(ref.trainable)):
-            np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)
+        np.testing.assert_allclose(m["loss"], float(ref_metrics["loss"]), rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(run.state.trainable), jax.tree.leaves(ref.trainable)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)
 
     # adapters below the deepest unfreeze never moved and have no optimizer moments
     start, now = params["peft"]["blocks"], run.params()["peft"]["blocks"]
@@ -43,13 +44,3 @@ def test_ringada_matches_single_device_updates_across_an_unfreeze(tiny):  # noqa
     assert again.step == 2 and again.depth() == 2 and again.unfreeze.spec() == "0:1,1:2"
     for a, b in zip(jax.tree.leaves(again.params()), jax.tree.leaves(run.params())):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
-def test_train_ringada_yields_metrics_per_step(tiny):  # noqa: F811
-    cfg, spec, head, params, *_ = tiny
-    optimizer = make_optimizer(OptimConfig(lr=1e-3), 4)
-    batches = (make_batch(False, seed=s) for s in range(10))
-    out = list(train_ringada(cfg, spec, head, params, batches, devices=2, microbatches=2, unfreeze="top:1",
-                             optimizer=optimizer, steps=2, stages=(4, 2), compiler_options=FAST))
-    assert [m["step"] for m in out] == [1, 2]
-    assert all(m["depth"] == 1 and m["stages"] == [4, 2] and np.isfinite(m["loss"]) for m in out)

@@ -823,7 +823,9 @@ def train_baseline(cfg, spec, head, params, train, dev, epochs, batch_size, opti
 
     buckets = tuple(buckets or default_buckets(train.max_length))
     trainable, frozen = split(params, leaf_mask(params, spec))
-    state = init_state(optimizer, trainable)
+    # fresh buffers: the step donates its state, and the caller's arrays (often shared) must survive
+    trainable = jax.device_put(jax.device_get(trainable), jax.devices()[0])
+    state = jax.device_put(init_state(optimizer, trainable), jax.devices()[0])
     depth = cfg.num_layers if spec.kind != "top-t" else spec.top_t
     step = make_train_step(cfg, spec, head, optimizer, params, depth)
     eval_fn = jax.jit(lambda p, b: predictions(head, model_forward(cfg, spec, head, p, b).logits))

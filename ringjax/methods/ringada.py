@@ -22,7 +22,7 @@ import optax
 from ringjax.models.config import ModelConfig
 from ringjax.models.heads import HeadConfig
 from ringjax.parallel.mesh import make_stage_mesh, put_tree, replicated
-from ringjax.parallel.placement import Placement, block_costs, plan_stages
+from ringjax.parallel.placement import Placement, plan_stages
 from ringjax.parallel.ring import RingPipeline
 from ringjax.parallel.unfreeze import UnfreezeSchedule
 from ringjax.peft.config import PeftConfig
@@ -89,10 +89,8 @@ class RingAda:
 
     # ---- phases -------------------------------------------------------------------------
     def placement(self, depth: int) -> Placement:
-        N, L = self.mesh.shape["stage"], self.cfg.num_layers
-        if self.stages == "balanced":
-            return plan_stages(L, N, "balanced", costs=block_costs(L, depth))
-        return plan_stages(L, N, self.stages)
+        """Stage sizes at `depth` ("balanced" moves blocks toward frozen stages as the depth grows)."""
+        return plan_stages(self.cfg.num_layers, self.mesh.shape["stage"], self.stages, depth=depth)
 
     def pipeline(self, depth: int) -> RingPipeline:
         return self._compiled(depth)[0]

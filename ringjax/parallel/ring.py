@@ -55,7 +55,7 @@ DATA_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels", "example
 @dataclass(frozen=True)
 class StageProgram:
     """What one device computes: `size` blocks, of which the first `cut` are frozen; `dx`: the
-    stage below trains, so the input gradient is needed; `first`: stage 0 (it embeds)."""
+    stage below trains, so the input gradient is needed."""
 
     size: int
     cut: int
@@ -112,8 +112,7 @@ class RingPipeline:
             StageProgram(size=s, cut=min(max(cut - a, 0), s), dx=cut < a)
             for a, s in zip(placement.starts, placement.sizes)
         ]
-        self.branches = list(dict.fromkeys(self.programs))
-        self.branch_of_device = np.array([self.branches.index(p) for p in self.programs], np.int32)
+        self.branches = list(dict.fromkeys(self.programs))  # each distinct program is one switch branch
         self.schedule: PipelineSchedule = build_schedule(schedule, N, self.M, [p.trains for p in self.programs])
         self.tables = self.schedule.engine_tables()
         self._plans: dict[StageProgram, tuple] = {}  # residual layout of each trainable program
@@ -308,10 +307,7 @@ class RingPipeline:
             sizes = self._residual_layout(blocks, peft, (mb, seq))
             self._stash_sizes = ((mb, seq), sizes)
         sizes = self._stash_sizes[1]
-        if not any(p.trains for p in self.programs):
-            sizes = {}
         S = self.schedule.slots
-        branch = jnp.asarray(self.branch_of_device)[d]
         hshape = (mb, seq, H)
 
         def fwd_branch(prog):
@@ -322,10 +318,7 @@ class RingPipeline:
 
         def bwd_branch(prog):
             def run(blocks, peft, packed, bias, g):
-                if not prog.trains:
-                    return _zeros_like(peft), jnp.zeros_like(g)
-                kept = self._unpack(prog, packed)
-                return self._stage_bwd(prog, blocks, peft, kept, bias, g)
+                return self._stage_bwd(prog, blocks, peft, self._unpack(prog, packed), bias, g)
             return run
 
         # Frozen and training programs are separate switches: a training one returns residuals
@@ -338,7 +331,7 @@ class RingPipeline:
         index = [training.index(p) if p.trains else frozen_progs.index(p) for p in self.programs]
         local_index = jnp.asarray(np.array(index, np.int32))[d]
         trains_here = jnp.asarray(np.array([p.trains for p in self.programs]))[d]
-        bwd_fns = [bwd_branch(p) for p in self.branches]
+        bwd_train = [bwd_branch(p) for p in training]
 
         def head_loss(hp, h, mask, labels, weight):
             h = self._arch.final(cfg, final_p, h)
@@ -394,13 +387,16 @@ class RingPipeline:
             def do_bwd(stash, gin):
                 kept = {k: jax.lax.dynamic_index_in_dim(stash[k], slot, 0, keepdims=False) for k in stash}
                 g_out = jax.lax.dynamic_index_in_dim(gin, m, 0, keepdims=False)
-                return jax.lax.switch(branch, bwd_fns, blocks, peft, kept, bias, g_out)
+                return jax.lax.switch(local_index, bwd_train, blocks, peft, kept, bias, g_out)
 
             def no_bwd(stash, gin):
                 return _zeros_like(peft), jnp.zeros(hshape, jnp.float32)
 
-            g_peft_m, g_h = jax.lax.cond(kind == BWD, do_bwd, no_bwd, stash, gin)
-            g_peft = jax.tree.map(jnp.add, g_peft, g_peft_m)
+            if training:  # frozen stages never get a backward action
+                g_peft_m, g_h = jax.lax.cond(kind == BWD, do_bwd, no_bwd, stash, gin)
+                g_peft = jax.tree.map(jnp.add, g_peft, g_peft_m)
+            else:
+                g_h = jnp.zeros(hshape, jnp.float32)
 
             hl = row["head_local"]
 
