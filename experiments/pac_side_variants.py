@@ -48,6 +48,8 @@ def main(argv=None):
     variants = {
         "base": (dict(), 1e-3),
         "lr3e-3": (dict(), 3e-3),
+        "lr5e-3": (dict(), 5e-3),
+        "lr1e-2": (dict(), 1e-2),
         "noattn": (dict(side_attention=False), 1e-3),
         "noattn-lr3e-3": (dict(side_attention=False), 3e-3),
         "wide": (dict(side_reduction=4), 1e-3),

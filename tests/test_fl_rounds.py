@@ -32,7 +32,6 @@ def test_chunk_sizes():
         chunk_sizes(3, 3, multiple=2)
 
 
-@pytest.mark.xfail(strict=True, reason="known CAFF bug (issue 6 open): vmapped client gradients differ from sequential ones")
 def test_vmapped_group_equals_sequential_clients(params):
     job = LocalJob("top-t", 2)
     opt = local_optimizer(1e-3)

@@ -153,3 +153,25 @@ def test_key_covers_max_length_tokenizer_data_weights_and_dtype(tmp_path, tiny_b
     _build(tmp_path / "c", base, lengths, lambda i: taps[i], "float32")
     assert ac.ActivationCache.open(tmp_path / "c", key(max_length=8)) is None
     assert ac.ActivationCache.open(tmp_path / "c", base) is not None
+
+
+def test_cached_epoch_rebuilds_the_stream_batches(tmp_path):
+    """Cached epochs replay the token stream's plan: same rows, order, widths, masks, labels."""
+    from ringjax.data import BatchStream, Encoded
+    from ringjax.methods import pac
+
+    lengths, taps = _data(n=23)
+    ids = np.arange(int(lengths.sum()), dtype=np.int32) % 50 + 1
+    encoded = Encoded(ids, np.zeros_like(ids), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                      np.arange(23, dtype=np.int32) % 2, 8, 0)
+    cache = _build(tmp_path, "e", lengths, lambda i: taps[i], "float32")
+    for drop_last in (True, False):
+        stream = BatchStream(encoded, 4, seed=3, buckets=(4, 8), drop_last=drop_last)
+        got = list(pac.cached_epoch(cache, encoded, stream, 1))
+        want = [pac.cached_batch(cache, b) for b in stream.epoch(1)]
+        assert len(got) == len(want) == stream.steps_per_epoch
+        for g, w in zip(got, want):
+            for key in ("attention_mask", "labels", "example_mask"):
+                np.testing.assert_array_equal(g[key], w[key])
+            real = w["example_mask"] > 0
+            np.testing.assert_array_equal(g["taps"][real], w["taps"][real])

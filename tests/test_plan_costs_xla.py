@@ -26,8 +26,10 @@ POINTS = [(model, method, depth) for model, points in grid.GRID.items() for meth
 
 
 @pytest.fixture(scope="module")
-def cache_dir(request):
-    return str(request.config.cache.mkdir("ringjax-xla-costs"))
+def cache_dir(request, tmp_path_factory):
+    """pytest's cache keeps compiled-cost results between runs; a fresh directory when it is disabled."""
+    cache = getattr(request.config, "cache", None)
+    return str(cache.mkdir("ringjax-xla-costs") if cache else tmp_path_factory.mktemp("ringjax-xla-costs"))
 
 
 @pytest.mark.parametrize("model,method,depth", POINTS, ids=[f"{m}-{k}-{d}" for m, k, d in POINTS])

@@ -60,13 +60,14 @@ def make_batch(with_mask: bool, B: int = 8, T: int = 8, seed: int = 0) -> dict:
 _references = {}
 
 
-def reference(tiny, depth: int, batch: dict):
-    cfg, spec, head, _, trainable, frozen = tiny
+def reference(tiny, depth: int, batch: dict, trainable=None):
+    """The single-device `jax.value_and_grad(loss_fn)` (one compiled function per depth and batch keys)."""
+    cfg, spec, head, _, initial, frozen = tiny
     key = (depth, tuple(sorted(batch)))
     if key not in _references:
         fn = partial(loss_fn, cfg=cfg, spec=spec, head=head, depth=depth)
         _references[key] = jax.jit(jax.value_and_grad(fn), compiler_options=FAST)
-    return _references[key](trainable, frozen, {k: jnp.asarray(v) for k, v in batch.items()})
+    return _references[key](initial if trainable is None else trainable, frozen, {k: jnp.asarray(v) for k, v in batch.items()})
 
 
 CASES = [  # N, M, depth, stage sizes, schedule, residuals, example_mask

@@ -320,6 +320,11 @@ class GroupRunner:
         local_round = make_local_round(self.model, job, self.optimizers[job.kind])
 
         def group(trainable, frozen, batches, weights):
+            if self.mesh is not None:
+                # Mark the replicated start as per-device: differentiating an axis-invariant input
+                # inside shard_map transposes its implicit broadcast into a psum, which would sum
+                # gradients across devices, i.e. mix clients.
+                trainable = jax.tree.map(lambda x: jax.lax.pcast(x, self.axis, to="varying"), trainable)
             trained, losses = jax.vmap(local_round, in_axes=(None, None, 0))(trainable, frozen, batches)
             if not reduce:
                 return trained, losses

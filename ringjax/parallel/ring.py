@@ -7,26 +7,34 @@ microbatch m is owned by device m % N, and each device receives only its own mic
 input ids, attention masks and labels. Ids and masks (never labels) are all-gathered, because
 stage 0 embeds every microbatch and every stage needs the attention masks.
 
-A step is a `lax.scan` over the ticks of a `PipelineSchedule`. In each tick every device reads
-its row of the schedule's tables and runs at most one of:
+A step is a `lax.scan` over the ticks of a `PipelineSchedule` (see schedules.py). In each tick
+every device reads its row of the schedule's tables and runs at most one of:
 - forward: `lax.cond` on "my action is fwd", then `lax.switch` over the distinct stage
-  programs (one per device configuration: number of blocks, unfreeze cut inside the stage,
-  whether the input gradient is needed). Frozen layers run plainly; the trainable suffix runs
-  under `jax.vjp` and its residuals are packed into a per-device slot buffer (or, with
-  `residuals="recompute"`, only the activation at the cut is kept);
-- backward: `lax.cond` on "my action is bwd", then the stage program's pullback from the
-  stored residuals, giving adapter gradients (accumulated) and, only where the stage below
-  trains, the input gradient.
+  programs (a program is: number of blocks, unfreeze cut inside the stage, whether the input
+  gradient is needed). Frozen layers run plainly; the trainable suffix runs under `jax.vjp`,
+  and the pullback's residuals (minus the weights and adapters, which the backward tick has
+  anyway) are packed into this microbatch's slot of a per-device stash. With
+  `residuals="recompute"` only the activation at the cut is kept and the backward tick
+  re-runs the suffix's forward. Frozen programs keep nothing;
+- backward: `lax.cond` on "my action is bwd", then the program's pullback rebuilt from the
+  stash, giving adapter gradients (accumulated) and, only where the stage below trains, the
+  input gradient. The vjp is wrt the adapters (and the input where needed), never wrt the
+  frozen weights, so no weight gradients are computed.
 Conditions on device-varying predicates run only the taken branch, so idle ticks (bubbles),
-frozen stages (which never get a bwd action and keep no residuals) and devices that own no
-head work cost no compute. Stages wholly below the unfreeze depth get no backward actions at
-all, and the depth is static: each depth compiles its own, shorter schedule.
+frozen stages and devices without head work cost no compute. Stages wholly below the unfreeze
+depth get no backward actions at all, and the depth is static: each depth compiles its own,
+shorter schedule, and its stash is sized by the training stages' residuals only (1F1B: at most
+`schedule.slots` microbatches in flight, not M). One SPMD program reserves the same buffers on
+every device; frozen devices never write theirs.
 
-Transfers at the end of a tick: `ppermute` to the next stage (activations) and to the previous
-stage (gradients); the last stage's output goes to the microbatch's owner, and the owner's loss
-gradient comes back (the shift changes per tick, so it is a `lax.switch` over the N static
-shifts on a tick-uniform index). The owner applies the final norm, head and loss with its own
-labels. Loss and head gradients are summed over devices (`psum`) at the end.
+Transfers happen at the end of a tick and land at the start of the next: `ppermute` to the
+next stage (activations) and to the previous stage (gradients); the last stage's output goes
+to the microbatch's owner, and the owner's loss gradient comes back (the shift changes per
+tick, so it is a `lax.switch` over the N static shifts on a tick-uniform index). The owner
+applies the final norm, head and loss with its own labels. Loss and head gradients are summed
+over devices (`psum`) at the end. Buffers are always written before they are read within a
+tick, and the stash is written outside the program switch: otherwise XLA copies the whole
+stash every tick to keep its in-place updates legal.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ from ringjax.parallel.schedules import BWD, FWD, PipelineSchedule, build_schedul
 from ringjax.peft.config import PeftConfig
 
 RESIDUAL_MODES = ("keep", "recompute")
+_RESIDUAL_SIZES: dict = {}  # (model, program, shapes) -> residual elements per dtype
 DATA_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels", "example_mask")
 
 
@@ -116,7 +125,6 @@ class RingPipeline:
         self.schedule: PipelineSchedule = build_schedule(schedule, N, self.M, [p.trains for p in self.programs])
         self.tables = self.schedule.engine_tables()
         self._plans: dict[StageProgram, tuple] = {}  # residual layout of each trainable program
-        self._stash_sizes: dict | None = None
         self._pad = np.array(placement.padded_index(), np.int32)
         self._unpad = np.array(placement.unpadded_index(), np.int32)
         self._arch = arch(cfg)
@@ -228,7 +236,7 @@ class RingPipeline:
 
     # ---- residual packing ---------------------------------------------------------------
     def _residual_layout(self, local_blocks, local_peft, mb_shape):
-        """Trace every trainable program once (abstractly) to size the per-dtype residual slots."""
+        """Size the per-dtype residual slots: the largest residual set of any training program."""
         abstract = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)  # noqa: E731
         local_blocks, local_peft = abstract(local_blocks), abstract(local_peft)
         h = jax.ShapeDtypeStruct((*mb_shape, self.cfg.hidden_size), jnp.float32)
@@ -237,13 +245,19 @@ class RingPipeline:
         for prog in self.branches:
             if not prog.trains:
                 continue
-            kept = jax.eval_shape(lambda b, p, h, bias: self._stage_fwd(prog, b, p, h, bias)[1], local_blocks, local_peft, h, bias)
-            per: dict = {}
-            for k in kept:
-                per[jnp.dtype(k.dtype)] = per.get(jnp.dtype(k.dtype), 0) + int(np.prod(k.shape))
-            for dt, n in per.items():
+            params = (local_blocks, local_peft)
+            key = (self.cfg, self.spec, prog, self.residuals, self.unroll, h.shape, jax.tree.structure(params),
+                   tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(params)))
+            if key not in _RESIDUAL_SIZES:  # tracing a stage's vjp is slow: once per program and shape
+                kept = jax.eval_shape(lambda b, p, h, bias: self._stage_fwd(prog, b, p, h, bias)[1],
+                                      local_blocks, local_peft, h, bias)
+                per: dict = {}
+                for k in kept:
+                    per[str(jnp.dtype(k.dtype))] = per.get(str(jnp.dtype(k.dtype)), 0) + int(np.prod(k.shape))
+                _RESIDUAL_SIZES[key] = per
+            for dt, n in _RESIDUAL_SIZES[key].items():
                 sizes[dt] = max(sizes.get(dt, 0), n)
-        return {str(dt): n for dt, n in sizes.items()}
+        return sizes
 
     def _pack(self, kept, sizes):
         out = {}
@@ -303,10 +317,7 @@ class RingPipeline:
         else:
             count = float(M * mb)
 
-        if self._stash_sizes is None or self._stash_sizes[0] != (mb, seq):
-            sizes = self._residual_layout(blocks, peft, (mb, seq))
-            self._stash_sizes = ((mb, seq), sizes)
-        sizes = self._stash_sizes[1]
+        sizes = self._residual_layout(blocks, peft, (mb, seq))
         S = self.schedule.slots
         hshape = (mb, seq, H)
 
