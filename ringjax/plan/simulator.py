@@ -87,6 +87,13 @@ class SimResult:
     sends: tuple[Span, ...]  # transfers between different devices
     device_names: tuple[str, ...]
 
+    @property
+    def total_work(self) -> float:
+        """Busy seconds summed over devices. Where the devices are emulated on one host and share its
+        cores, this is what the step costs the host whatever the schedule's overlap: compare it with
+        the step's CPU time."""
+        return float(sum(self.busy))
+
 
 def _check(schedule: Schedule, num_devices: int) -> dict[Action, int]:
     tick_of = {}
@@ -173,6 +180,37 @@ def scale_costs(costs: Costs, schedule: Schedule, measured_on: DeviceProfile,
     reference = measured_on.flops(dtype)
     return {key: seconds * reference / profiles[device_of[key]].flops(dtype)
             for key, seconds in costs.items() if key in device_of}
+
+
+def _per_device(schedule: Schedule, kind: str, devices: Sequence[int] | None) -> tuple[dict[int, Action], tuple[Action, ...]]:
+    last: dict[int, Action] = {}
+    for action in schedule.actions:
+        last[action.device] = action
+    devices = sorted(last) if devices is None else list(devices)
+    added = tuple(Action(d, kind, 0, d) for d in devices)
+    if set(added) & set(schedule.actions):
+        raise ValueError(f"the schedule already has {kind!r} actions with microbatch 0 on {devices}")
+    return last, added
+
+
+def first_on_every_device(schedule: Schedule, kind: str, devices: Sequence[int] | None = None) -> Schedule:
+    """One `kind` action on each of `devices` (default: every device that has work; stage = that
+    device, microbatch 0) before the device's first action: per-step work outside the schedule's
+    actions, such as setting up the step's buffers."""
+    _, head = _per_device(schedule, kind, devices)
+    return Schedule(ticks=(head, *schedule.ticks), transfers=schedule.transfers)
+
+
+def then_on_every_device(schedule: Schedule, kind: str, devices: Sequence[int] | None = None,
+                         barrier_bytes: float = 0.0) -> Schedule:
+    """`schedule` followed by one `kind` action on each of `devices` (default: every device that has
+    work), stage = that device, microbatch 0, each waiting for every device's last action: a step's
+    closing all-reduce and the update each device then runs on its replica (the ring engine's
+    optimizer step). The barrier is a transfer of `barrier_bytes` from each device's last action."""
+    last, tail = _per_device(schedule, kind, devices)
+    barrier = tuple(Transfer(producer, consumer, barrier_bytes)
+                    for producer in last.values() for consumer in tail)
+    return Schedule(ticks=(*schedule.ticks, tail), transfers=(*schedule.transfers, *barrier))
 
 
 def _tick_schedule(orders: Sequence[Sequence[Action]], transfers: Sequence[Transfer]) -> Schedule:
