@@ -90,7 +90,65 @@ def bench_step(model: str = "minilm", method: str = "houlsby", batch: int = 32, 
     }
 
 
+def bench_pac_cli(options: dict) -> dict:
+    """`ringjax bench pac`: PAC's per-epoch seconds and training-step peak bytes (XLA memory
+    analysis) next to full fine-tuning and Houlsby adapters, all measured in this one run
+    (`ringjax.methods.pac.bench_pac`) on `--task` (default the synthetic task).
+
+    Keys: model, task, device, max_length, epochs, n_devices, batch_size, train_examples,
+    dev_examples, memory_tokens; methods.{pac, full, houlsby}.{epoch_seconds, compile_seconds,
+    total_seconds, dev, memory.peak_bytes, ...} (pac adds cache_bytes, cache_dtype,
+    epoch1_forward and, over several devices, memory_data_parallel: the per-device step);
+    ratios.{epoch2_over_epoch1, pac_over_full_peak_bytes, houlsby_over_pac_total_seconds}.
+    The activation cache is built in a temporary folder, so epoch 1 always runs the backbone.
+    """
+    import tempfile
+
+    from ringjax.data import encode, get_task, load_task_data
+    from ringjax.methods import activation_cache as ac
+    from ringjax.methods.pac import bench_pac
+    from ringjax.models import load_tokenizer
+    from ringjax.models.model import check_max_length
+    from ringjax.parallel.mesh import make_stage_mesh
+
+    n, batch, seq = options.get("devices") or 4, options["batch"], options["seq"]
+    epochs = options.get("epochs") or 2
+    if n < 1 or epochs < 1:
+        raise RingjaxError(f"--devices and --epochs must be at least 1, got {n} and {epochs}")
+    if batch % n:
+        raise RingjaxError(f"--batch {batch} must be a multiple of --devices {n}")
+    ac.dtype_name(options.get("cache_dtype") or "bfloat16")
+    if n > 1:
+        make_stage_mesh(n)  # too few visible devices: one line naming XLA_FLAGS
+    task_name = options.get("task") or "synthetic"
+    task = get_task(task_name)
+    head = HeadConfig("regression" if task.is_regression else "classification", max(task.num_labels, 2))
+    model = load_model(options["model"], head=head, peft=preset("parallel"))
+    check_max_length(model.config, seq)
+    tokenizer = load_tokenizer(model.directory)
+    data = {split: encode(load_task_data(task_name, options.get("data_dir"), split, limit, 0), tokenizer, seq,
+                          model.config.max_length)
+            for split, limit in (("train", options.get("train_examples")), ("dev", options.get("dev_examples")))}
+    params = model.tree()
+    base = {k: params[k] for k in ("embed", "blocks", "final")}
+    baselines = tuple(b for b in (options.get("baselines") or "full,houlsby").split(",") if b)
+    with tempfile.TemporaryDirectory(prefix="ringjax-bench-pac-") as cache_dir:
+        result = bench_pac(model.config, head, base, data["train"], data["dev"], n_devices=n, epochs=epochs,
+                           batch_size=batch, cache_dir=cache_dir, dtype=options.get("cache_dtype") or "bfloat16",
+                           baselines=baselines, baseline_epochs=options.get("baseline_epochs"))
+    return {"model": options["model"], "task": task_name, "device": str(jax.devices()[0].device_kind),
+            "max_length": seq, "epochs": epochs, **result}
+
+
+# `ringjax bench WHAT`: name -> fn(options from the command line) -> JSON-able dict
+BENCHMARKS = {
+    "step": lambda o: bench_step(o["model"], o["method"], o["batch"], o["seq"], o["repeats"]),
+    "pac": bench_pac_cli,
+    "ring": lambda o: __import__("ringjax.parallel.bench", fromlist=["bench_ring_cli"]).bench_ring_cli(o),
+}
+
+
 def run_bench(what: str, options: dict) -> dict:
-    if what == "step":
-        return bench_step(options["model"], options["method"], options["batch"], options["seq"], options["repeats"])
-    raise RingjaxError(f"unknown benchmark {what!r}")
+    if what not in BENCHMARKS:
+        raise RingjaxError(f"unknown benchmark {what!r}; choose one of {sorted(BENCHMARKS)}")
+    return BENCHMARKS[what](options)

@@ -100,6 +100,7 @@ class RoundMetrics:
     dev_loss: float | None
     train_seconds: float
     eval_seconds: float
+    clients: list[int] = field(default_factory=list)  # the participating clients' ids
 
 
 @dataclass
@@ -231,8 +232,12 @@ def run_federated(
     mesh: Mesh | None = None,
     log: Callable[[str], None] | None = print,
     partitions: list[np.ndarray] | None = None,
+    on_round: Callable[[RoundMetrics, ClientPlan], None] | None = None,
 ) -> FederatedRun:
-    """Run `config.rounds` rounds of `method`; returns per-round metrics and the final params."""
+    """Run `config.rounds` rounds of `method`; returns per-round metrics and the final params.
+
+    `on_round(metrics, plan)` is called after each round (metrics logs, progress bars).
+    """
     if method not in METHODS:
         raise RingjaxError(f"unknown federated method {method!r}; choose one of {METHODS}")
     if len(budgets) != config.num_clients:
@@ -286,8 +291,11 @@ def run_federated(
             scores, dev_loss = evaluate(server, dev)
             metric = scores[metric_name]
             eval_seconds = time.perf_counter() - t0
-        m = RoundMetrics(r, len(chosen), round_bytes, total_bytes, float(depths.mean()), float(depths.mean() / L), float(np.mean(losses)), metric, dev_loss, train_seconds, eval_seconds)
+        m = RoundMetrics(r, len(chosen), round_bytes, total_bytes, float(depths.mean()), float(depths.mean() / L), float(np.mean(losses)), metric, dev_loss, train_seconds, eval_seconds,
+                         [int(c) for c in chosen])
         history.append(m)
+        if on_round is not None:
+            on_round(m, plan)
         say(
             f"[{method}] round {r}: {len(chosen)} clients, depth {m.mean_depth:.2f}, loss {m.train_loss:.4f}"
             + (f", dev {metric_name} {metric:.4f}" if metric is not None else "")

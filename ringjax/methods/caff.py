@@ -24,7 +24,7 @@ from ringjax.data.load import load_task_data
 from ringjax.data.tasks import get_task
 from ringjax.data.tokenize import Encoded, encode
 from ringjax.errors import RingjaxError
-from ringjax.fl.budgets import ClientBudgets, load_fleet
+from ringjax.fl.budgets import EXAMPLE, ClientBudgets, load_fleet
 from ringjax.fl.costs import CostModel
 from ringjax.fl.rounds import FederatedRun, FLConfig, run_federated
 from ringjax.fl.selection import METHODS, choose_model
@@ -67,6 +67,7 @@ def train_caff(
     normalise: str = "fraction",
     mesh=None,
     log: Callable[[str], None] | None = print,
+    on_round=None,
 ) -> tuple[str, dict[str, float], FederatedRun]:
     """Pick the candidate maximising mean trained depth, then run CAFF on it.
 
@@ -77,7 +78,7 @@ def train_caff(
     if log:
         log(f"[caff] model choice by mean trained depth ({normalise}): " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()) + f" -> {name}")
     cfg, params = candidates[name]
-    run = run_federated("caff", cfg, head, params, train, budgets, config, dev, task, mesh, log)
+    run = run_federated("caff", cfg, head, params, train, budgets, config, dev, task, mesh, log, on_round=on_round)
     return name, scores, run
 
 
@@ -127,4 +128,113 @@ def tier_depths(run: FederatedRun, budgets: ClientBudgets) -> dict[str, list[int
     return {k: sorted(v) for k, v in out.items()}
 
 
-__all__ = ["FEDERATED_METHODS", "candidate_models", "federated_from_files", "run_federated", "slice_top_blocks", "tier_depths", "train_caff"]
+def parse_keeps(text: str | None, num_layers: int) -> tuple[int, ...]:
+    """`--candidates 6,3` -> (6, 3): block counts of the top-k variants CAFF chooses among."""
+    if not text:
+        return ()
+    try:
+        keeps = tuple(sorted({int(k) for k in str(text).split(",") if k.strip()}, reverse=True))
+    except ValueError:
+        raise RingjaxError(f"--candidates takes block counts like 6,3, got {text!r}") from None
+    bad = [k for k in keeps if not 1 <= k <= num_layers]
+    if bad:
+        raise RingjaxError(f"--candidates {text}: the model has {num_layers} blocks, so each count must be in 1..{num_layers}")
+    return keeps
+
+
+def train_federated(c) -> dict:
+    """`ringjax train --method caff|fedavg-full|fedlora|uniform-t --fleet F --clients C --per-round S
+    --rounds R --local-steps E [--alpha A] [--candidates 6,3] [--devices N]`, from its `TrainConfig`.
+
+    `--fleet` is a budget-tier file (`ringjax.fl.budgets`); `--batch-size` is each client's local
+    batch; `--alpha` is the Dirichlet label skew (0: IID); `--eval-every` counts rounds (0: every
+    round); `--devices N` shards each group of clients over N devices; `--candidates` (CAFF only)
+    adds top-k variants of the model for the server to choose among. Writes OUT/metrics.jsonl (one
+    record per round), OUT/federated.json (the plan, measured peaks, every round), the aggregated
+    trainable parameters and OUT/summary.json. No checkpoints: a run does not resume.
+    Cheap checks (flags, the fleet file) come before the model and data are loaded.
+    """
+    import dataclasses
+    import time
+
+    import numpy as np
+    from jax.sharding import Mesh
+    from tqdm.auto import tqdm
+
+    from ringjax.peft import leaf_mask
+    from ringjax.peft.export import save_trainable
+    from ringjax.train.trainer import MetricsLog, prepare, write_summary
+
+    method = c.method
+    if method not in FEDERATED_METHODS:
+        raise RingjaxError(f"unknown federated method {method!r}; choose one of {FEDERATED_METHODS}")
+    if c.fleet is None:
+        raise RingjaxError(f"--method {method} needs --fleet FILE with the clients' budget tiers, e.g. {EXAMPLE}")
+    if c.resume:
+        raise RingjaxError(f"--method {method} runs do not checkpoint or resume: start a fresh run (without --resume)")
+    if c.rounds < 1:
+        raise RingjaxError(f"--rounds must be at least 1, got {c.rounds}")
+    if c.alpha is not None and c.alpha < 0:
+        raise RingjaxError(f"--alpha must be positive (Dirichlet label skew) or 0 for an IID split, got {c.alpha}")
+    if c.candidates and method != "caff":
+        raise RingjaxError(f"--candidates is CAFF's model choice; drop it for --method {method}")
+    if c.devices > len(jax.devices()):
+        raise RingjaxError(f"--devices {c.devices} but only {len(jax.devices())} are visible; lower --devices")
+    fl = FLConfig(
+        num_clients=c.clients, per_round=c.per_round, rounds=c.rounds, local_steps=c.local_steps,
+        batch_size=c.batch_size, max_length=c.max_length, alpha=c.alpha if c.alpha else None, seed=c.seed,
+        lr=c.learning_rate, lora_lr=c.learning_rate, weight_decay=c.weight_decay,
+        client_chunk=c.devices * -(-8 // c.devices), eval_every=c.eval_every or 1,
+    )
+    budgets = load_fleet(c.fleet).assign(fl.num_clients, fl.seed)
+
+    run = prepare(c)
+    m = run.model
+    keeps = parse_keeps(c.candidates, m.config.num_layers)
+    if c.clients > len(run.train):
+        raise RingjaxError(f"{len(run.train)} training examples cannot be split over {c.clients} clients; lower --clients or raise --max-train-examples")
+    mesh = Mesh(np.array(jax.devices()[: c.devices]), ("clients",)) if c.devices > 1 else None
+
+    records = MetricsLog(run.out / "metrics.jsonl")
+    bar = tqdm(total=fl.rounds, disable=not c.progress, desc=f"{method} {c.task}", unit="round")
+    say = tqdm.write if c.progress else (lambda text: print(text, flush=True))
+    metric_name = run.task.metric
+
+    def on_round(r, plan):
+        records.write({**dataclasses.asdict(r), "dev_metric_name": metric_name, "excluded": plan.excluded})
+        bar.update(1)
+        bar.set_postfix(loss=f"{r.train_loss:.4f}", **({metric_name: f"{r.dev_metric:.4f}"} if r.dev_metric is not None else {}))
+
+    began = time.perf_counter()
+    params = m.tree()
+    chosen_model, scores = c.model, None
+    try:
+        if keeps:
+            candidates = candidate_models(m.config, params, tuple(sorted({*keeps, m.config.num_layers}, reverse=True)), c.model)
+            chosen_model, scores, fed = train_caff(candidates, m.head_config, run.train, budgets, fl, run.dev, c.task,
+                                                   mesh=mesh, log=say, on_round=on_round)
+        else:
+            fed = run_federated(method, m.config, m.head_config, params, run.train, budgets, fl, run.dev, c.task,
+                                mesh, say, on_round=on_round)
+    finally:
+        bar.close()
+    train_seconds = time.perf_counter() - began
+    fed.write(run.out / "federated.json")
+    last = fed.rounds[-1]  # the last round is always evaluated
+    dev = {metric_name: last.dev_metric, "loss": last.dev_loss}
+    if chosen_model == c.model:  # a top-k variant does not fit this run's model: `ringjax eval` could not load it
+        save_trainable(run.out, fed.params, leaf_mask(params, m.peft_config), m.config, m.peft_config, m.head_config)
+    return write_summary(run, {
+        "method": method, "task": c.task, "model": c.model, "dev_metric": dev[metric_name], "dev_metric_name": metric_name,
+        "dev": dev, "train_seconds": train_seconds, "rounds": fl.rounds, "clients": fl.num_clients,
+        "per_round": fl.per_round, "local_steps": fl.local_steps, "alpha": fl.alpha,
+        "total_bytes_uploaded": last.total_bytes_uploaded, "excluded": fed.plan.excluded,
+        "participating": len(fed.plan.eligible), "plan": fed.plan.summary(), "tier_depths": tier_depths(fed, budgets),
+        "mean_depth": float(np.mean([r.mean_depth for r in fed.rounds])),
+        "measured_peak_bytes": fed.measured_peak_bytes, "final_loss": last.train_loss,
+        **({"chosen_model": chosen_model, "candidate_scores": scores} if scores is not None else {}),
+    })
+
+
+__all__ = ["FEDERATED_METHODS", "candidate_models", "federated_from_files", "parse_keeps", "run_federated", "slice_top_blocks",
+           "tier_depths", "train_caff", "train_federated"]

@@ -348,11 +348,37 @@ def token_batch(encoded, indices, width: int, batch_size: int) -> dict:
 def cached_batch(cache: ac.ActivationCache, batch: dict) -> dict:
     """Rebuild the side-network batch of a token batch's rows from the cache (no token ids needed)."""
     index = batch["index"]
-    rows = np.where(index >= 0, index, index.max(initial=0) if (index >= 0).any() else 0)
+    first = index[index >= 0][0] if (index >= 0).any() else 0
+    rows = np.where(index >= 0, index, first)  # padding rows repeat the first real row, as BatchStream's
     width = batch["attention_mask"].shape[1]
     taps, lengths = cache.gather(rows, width)
     mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int32)
     return {"taps": taps, "attention_mask": mask, "labels": batch["labels"], "example_mask": batch["example_mask"]}
+
+
+def cached_epoch(cache: ac.ActivationCache, encoded, stream: BatchStream, epoch: int) -> Iterator[dict]:
+    """Epoch `epoch`'s side-network batches straight from the cache.
+
+    Same plan (rows, order, bucket widths) as `stream.epoch(epoch)`, without assembling the
+    token ids that a cached epoch never needs.
+    """
+    lengths = np.minimum(np.diff(encoded.offsets), stream.buckets[-1])
+    labels = np.asarray(encoded.labels)
+    for rows in stream.epoch_plan(epoch):
+        width = _width(lengths, rows, stream.buckets)
+        taps, got = cache.gather(rows, width)
+        real = np.arange(stream.batch_size) < len(rows)
+        if not real.all():  # a last partial batch (drop_last=False): repeat a row, weight 0
+            pad = stream.batch_size - len(rows)
+            taps = np.concatenate([taps, np.repeat(taps[:1], pad, 0)])
+            got = np.concatenate([got, np.repeat(got[:1], pad)])
+            rows = np.concatenate([rows, np.repeat(rows[:1], pad)])
+        yield {
+            "taps": taps,
+            "attention_mask": (np.arange(width)[None, :] < got[:, None]).astype(np.int32),
+            "labels": labels[rows],
+            "example_mask": real.astype(np.float32),
+        }
 
 
 def _side_batch(taps, batch) -> dict:
@@ -439,6 +465,7 @@ def train_pac(
     metric: Callable | None = None,
     log: Callable[[dict], None] | None = None,
     devices=None,
+    on_step: Callable[[], None] | None = None,
 ) -> PacResult:
     """Train PAC: epoch 1 from the live backbone (ring-pipelined forward), later epochs from the cache.
 
@@ -450,6 +477,7 @@ def train_pac(
     (float32 / bfloat16 / float16; bf16 taps are what the side network sees in every epoch).
     A complete cache for the same key is reused, so a rerun skips the backbone entirely.
     metric(predictions, labels) -> dict scores dev (default: accuracy, or pearson for regression).
+    log(record) is called after each epoch; on_step() after each training step (progress bars).
     Returns PacResult(trainable, summary) with summary["epoch_seconds"] and ["cache_bytes"].
     """
     _check_head(head)
@@ -500,8 +528,12 @@ def train_pac(
         if cache is not None:
             return cache, None
         lengths = np.minimum(np.diff(encoded.offsets), buckets[-1])
-        return None, ac.CacheBuilder(cache_dir, key, material, lengths, len(stored_taps(spec, cfg.num_layers)),
-                                     cfg.hidden_size, dtype)
+        try:
+            return None, ac.CacheBuilder(cache_dir, key, material, lengths, len(stored_taps(spec, cfg.num_layers)),
+                                         cfg.hidden_size, dtype)
+        except OSError as e:  # a file in the way, a read-only folder, a full disk: one line, not a traceback
+            raise RingjaxError(f"cannot build the activation cache in {cache_dir} ({e.strerror or e}); "
+                               "choose a writable --cache-dir") from None
 
     t_key = time.perf_counter()
     train_cache, train_builder = open_or_build(train, "train")
@@ -526,14 +558,15 @@ def train_pac(
             live = train_cache is None
             if live:
                 state, losses = _live_epoch(forward, step_fn, state, final_dev, stream, train, train_builder,
-                                            batch_size, buckets, by_row)
+                                            batch_size, buckets, by_row, on_step)
                 train_cache = train_builder.finish()
                 train_builder = None
             else:
-                for batch in stream.epoch(epoch):
-                    side = _put(cached_batch(train_cache, batch), by_row)
-                    state, loss = step_fn(state, final_dev, side)
+                for side in cached_epoch(train_cache, train, stream, epoch):
+                    state, loss = step_fn(state, final_dev, _put(side, by_row))
                     losses.append(loss)
+                    if on_step is not None:
+                        on_step()
             losses = np.asarray(jax.device_get(losses), np.float64)
             trained = time.perf_counter() - began
             record = {"epoch": epoch + 1, "source": "backbone" if live else "cache", "train_loss": float(losses.mean())}
@@ -603,7 +636,7 @@ def _lookahead(iterable: Iterator, fn: Callable):
     yield pending
 
 
-def _live_epoch(forward, step_fn, state, final, stream, train, builder, batch_size, buckets, by_row):
+def _live_epoch(forward, step_fn, state, final, stream, train, builder, batch_size, buckets, by_row, on_step=None):
     """Epoch 1: backbone taps train the side network and fill the cache (leftover rows too)."""
     losses = []
     for batch, taps in _lookahead(stream.epoch(0), forward):
@@ -611,6 +644,8 @@ def _live_epoch(forward, step_fn, state, final, stream, train, builder, batch_si
         state, loss = step_fn(state, final, _put(_side_batch(host, batch), by_row))
         builder.write(batch["index"], host)  # overlaps the step just dispatched
         losses.append(loss)
+        if on_step is not None:
+            on_step()
     _fill(forward, train, builder, batch_size, buckets, finish=False)  # rows the epoch's plan left out
     return state, losses
 
@@ -870,3 +905,115 @@ def train_baseline(cfg, spec, head, params, train, dev, epochs, batch_size, opti
             log({"method": spec.kind, **record})
     return {"epoch_seconds": seconds, "epoch_cpu_seconds": cpu, "compile_seconds": compile_seconds, "epochs": history,
             "dev": history[-1].get("dev") if history else None, "total_seconds": float(sum(seconds))}
+
+
+# ----------------------------------------------------------------------------- `ringjax train --method pac`
+
+
+def check_run_config(config) -> None:
+    """One-line errors for a PAC run config, before any model or data is loaded."""
+    if config.steps is not None:
+        raise RingjaxError("PAC trains whole epochs (epoch 1 fills the activation cache, later epochs read it): "
+                           "give --epochs E instead of --steps N")
+    if config.epochs is None:
+        raise RingjaxError("PAC needs --epochs E (whole epochs: epoch 1 fills the activation cache, later epochs read it)")
+    if config.epochs != int(config.epochs) or config.epochs < 1:
+        raise RingjaxError(f"PAC trains whole epochs: --epochs must be a positive integer, got {config.epochs}")
+    if config.resume or config.checkpoint_every:
+        raise RingjaxError("PAC writes no checkpoints (--resume, --checkpoint-every); its activation cache "
+                           "(--cache-dir) is what makes a rerun cheap")
+    n = config.devices
+    if n < 1:
+        raise RingjaxError(f"--devices must be at least 1, got {n}")
+    if config.batch_size % n:
+        raise RingjaxError(f"--batch-size {config.batch_size} must be a multiple of --devices {n} "
+                           "(every cached step splits its batch evenly over the devices)")
+    if n > 1 and config.batch_size % config.microbatches:
+        raise RingjaxError(f"--batch-size {config.batch_size} does not split into --microbatches {config.microbatches} "
+                           "(epoch 1's ring pipeline)")
+    ac.dtype_name(config.cache_dtype)
+    if config.cache_dir is not None:
+        from pathlib import Path
+
+        path = Path(config.cache_dir)
+        if path.exists() and not path.is_dir():
+            raise RingjaxError(f"--cache-dir {path} exists and is not a directory")
+
+
+def run_pac(config) -> dict:
+    """`ringjax train --method pac`: the shared run preparation, then `train_pac`.
+
+    The model is loaded with the parallel-adapter preset (its side network is what trains).
+    Writes OUT/config.json, OUT/metrics.jsonl (one record per epoch: train loss, seconds, dev
+    metrics, whether the epoch read the backbone or the cache), OUT/trainable.safetensors (so
+    `ringjax eval` / `export` work) and OUT/summary.json with the keys every method writes
+    plus epoch_seconds (a list), cache_bytes (the cache entries' size on disk; their size in
+    host RAM without --cache-dir) and cache_hit (a complete cache was reused: no backbone compute).
+    """
+    from ringjax.data import task_metric
+    from ringjax.parallel.mesh import make_stage_mesh, maybe_initialize_distributed
+    from ringjax.peft import leaf_mask
+    from ringjax.peft.export import save_trainable
+    from ringjax.train.optim import make_optimizer
+    from ringjax.train.trainer import MetricsLog, optim_config, prepare, write_summary
+    from tqdm.auto import tqdm
+
+    check_run_config(config)
+    if maybe_initialize_distributed() and jax.process_count() > 1:
+        raise RingjaxError("PAC runs in one process over that process's devices; run it without `ringjax launch`")
+    if config.devices > 1:
+        make_stage_mesh(config.devices)  # too few visible devices: the same one-line error as --method ringada
+    # the side network is always the parallel-adapter preset; config.json records it, so `ringjax eval` rebuilds it
+    config = dataclasses.replace(config, adapter="parallel")
+    run = prepare(config)
+    m, task = run.model, run.task
+    cfg, spec, head = m.config, m.peft_config, m.head_config
+    epochs, n = int(config.epochs), config.devices
+    buckets = default_buckets(run.train.max_length)
+    steps = BatchStream(run.train, config.batch_size, seed=config.seed, buckets=buckets).steps_per_epoch
+    total = epochs * steps
+    optimizer = make_optimizer(optim_config(config), total)
+    identity = {"model": ac.model_identity(m.directory), "tokenizer": ac.tokenizer_identity(m.directory)}
+    params = m.tree()
+    log = MetricsLog(run.out / "metrics.jsonl")
+    bar = tqdm(total=total, disable=not config.progress, desc=f"pac {config.task} (compiling)", unit="step")
+    compiling = [True]
+
+    def on_step():
+        if compiling and not bar.disable:  # first step: restart the clock, so rates exclude compilation
+            bar.set_description(f"pac {config.task}", refresh=False)
+            bar.reset(total)
+        compiling.clear()
+        bar.update(1)
+
+    def on_epoch(record):
+        log.write({"epoch": record["epoch"], "step": record["epoch"] * steps, "loss": record["train_loss"],
+                   "source": record["source"], "seconds": record["seconds"], "cpu_seconds": record["cpu_seconds"],
+                   **({"dev": record["dev"]} if "dev" in record else {})})
+        bar.set_postfix(epoch=record["epoch"], loss=f"{record['train_loss']:.4f}", source=record["source"])
+
+    began = time.perf_counter()
+    try:
+        result = train_pac(cfg, spec, head, params, run.train, run.dev, n, epochs, config.batch_size, optimizer,
+                           config.cache_dir, config.cache_dtype, seed=config.seed, buckets=buckets,
+                           microbatches=config.microbatches if n > 1 else None, identity=identity,
+                           metric=lambda p, y: task_metric(config.task, p, y), log=on_epoch,
+                           on_step=on_step)
+    finally:
+        bar.close()
+    train_seconds = time.perf_counter() - began
+    s = result.summary
+    _, frozen = split_params(params)
+    save_trainable(run.out, merge_params(result.trainable, frozen), leaf_mask(params, spec), cfg, spec, head)
+    dev = s["dev"]
+    return write_summary(run, {
+        "method": "pac", "task": config.task, "model": config.model,
+        "dev_metric": dev[task.metric], "dev_metric_name": task.metric, "dev": dev,
+        "train_seconds": train_seconds, "steps": total,
+        "trainable_params": int(sum(np.size(x) for x in jax.tree.leaves(result.trainable))),
+        "final_loss": s["epochs"][-1]["train_loss"],
+        "epochs": epochs, "devices": n, "epoch_seconds": s["epoch_seconds"], "epoch_cpu_seconds": s["epoch_cpu_seconds"],
+        "compile_seconds": s["compile_seconds"], "cache_bytes": s["cache_bytes"], "cache_hit": s["cache_hit"],
+        "cache_dir": config.cache_dir, "cache_dtype": s["cache_dtype"], "cache_paths": s["cache_paths"],
+        "epoch1_forward": s["epoch1_forward"],
+    })

@@ -68,7 +68,7 @@ class RingAda:
         microbatches: int,
         unfreeze: UnfreezeSchedule | str = "all",
         optimizer: optax.GradientTransformation,
-        stages: str | tuple[int, ...] | None = "equal",
+        stages: str | tuple[int, ...] | Callable[[int], tuple[int, ...]] | None = "equal",
         schedule: str = "1f1b",
         residuals: str = "keep",
         mesh=None,
@@ -89,7 +89,10 @@ class RingAda:
 
     # ---- phases -------------------------------------------------------------------------
     def placement(self, depth: int) -> Placement:
-        """Stage sizes at `depth` ("balanced" moves blocks toward frozen stages as the depth grows)."""
+        """Stage sizes at `depth` ("balanced" moves blocks toward frozen stages as the depth grows;
+        a callable, as `ringjax.parallel.placement.auto_stages` builds, maps the depth to sizes)."""
+        if callable(self.stages):
+            return plan_stages(self.cfg.num_layers, self.mesh.shape["stage"], self.stages(depth))
         return plan_stages(self.cfg.num_layers, self.mesh.shape["stage"], self.stages, depth=depth)
 
     def pipeline(self, depth: int) -> RingPipeline:
@@ -183,3 +186,18 @@ def train_ringada(
     run = RingAda(cfg, spec, head, params, devices=devices, microbatches=microbatches, unfreeze=unfreeze,
                   optimizer=optimizer, **options)
     yield from run.train(batches, steps, evaluate, eval_every)
+
+
+def ring_stages(config, model):
+    """The `stages` RingAda takes for a run's `--placement`: "equal", "balanced", sizes like
+    "2,2,1,1", or "auto": the optimal contiguous split of the analytic per-block costs at each
+    unfreeze depth, over the `--fleet`'s device profiles when one is given (equal devices otherwise)."""
+    if config.placement != "auto":
+        return config.placement
+    from ringjax.parallel.placement import auto_stages
+    from ringjax.plan.profiles import load_fleet
+
+    profiles = load_fleet(config.fleet) if config.fleet else None
+    return auto_stages(model.config, model.peft_config, config.devices, max(1, config.batch_size // config.microbatches),
+                       config.max_length, config.microbatches, profiles,
+                       num_labels=model.head_config.num_labels)

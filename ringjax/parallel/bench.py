@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ringjax.bench import compiled_flops, peak_bytes, single_device_step
+from ringjax.errors import RingjaxError
 from ringjax.models.backbone import embed
 from ringjax.models.heads import apply_head, example_losses
 from ringjax.models.layers import attention_bias
@@ -92,14 +93,20 @@ def device_flops(pipe: RingPipeline, costs: dict, update_flops: float) -> list[f
 
 
 def bench_ring(model: str = "minilm", devices: int = 4, microbatches: int = 8, batch: int = 32, seq: int = 64,
-               depths=(1, 3, 6), *, peft: str = "houlsby", schedule: str = "1f1b", residuals: str = "keep",
+               depths=None, *, peft: str = "houlsby", schedule: str = "1f1b", residuals: str = "keep",
                stages="equal", repeats: int = 5) -> dict:
-    """Seconds, FLOPs and peak bytes of the ring step per unfreeze depth and of the single-device step."""
+    """Seconds, FLOPs and peak bytes of the ring step per unfreeze depth (default: 1, the middle
+    and all blocks) and of the single-device step."""
     import ringjax
 
     m = ringjax.load_model(model, head="classification", peft=peft)
     cfg, spec, head, params = m.config, m.peft_config, m.head_config, m.tree()
     L = cfg.num_layers
+    depths = sorted({1, (L + 1) // 2, L}) if depths is None else [int(d) for d in depths]
+    if not depths or not all(1 <= d <= L for d in depths):
+        raise RingjaxError(f"unfreeze depths {depths} must lie in 1..{L} (the model has {L} blocks)")
+    if batch % microbatches:
+        raise RingjaxError(f"--batch {batch} does not split into {microbatches} microbatches: use a multiple of {microbatches}")
     optimizer = make_optimizer(OptimConfig(), 1000)
     trainable, frozen = split(params, leaf_mask(params, spec))
 
@@ -159,3 +166,23 @@ def bench_ring(model: str = "minilm", devices: int = 4, microbatches: int = 8, b
             for r in runs
         ],
     }
+
+
+def parse_depths(text) -> tuple[int, ...] | None:
+    """`--depths 1,3,6` -> (1, 3, 6); None stays None (the default depths)."""
+    if text is None or isinstance(text, (tuple, list)):
+        return text
+    try:
+        return tuple(int(part) for part in str(text).split(",") if part.strip())
+    except ValueError:
+        raise RingjaxError(f"cannot read --depths {text!r}: write unfreeze depths like 1,3,6") from None
+
+
+def bench_ring_cli(options: dict) -> dict:
+    """`ringjax bench ring`: `bench_ring` with the command line's options (--method is the adapter)."""
+    devices = options.get("devices") or 4
+    make_stage_mesh(devices)  # too few visible devices: one line naming XLA_FLAGS
+    return bench_ring(options["model"], devices, options.get("microbatches") or 8, options["batch"], options["seq"],
+                      parse_depths(options.get("depths")), peft=options.get("method") or "houlsby",
+                      schedule=options.get("schedule") or "1f1b", residuals=options.get("residuals") or "keep",
+                      stages=options.get("stages") or "equal", repeats=options.get("repeats") or 1)

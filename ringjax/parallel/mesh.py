@@ -40,6 +40,31 @@ def maybe_initialize_distributed() -> bool:
     return True
 
 
+def ensure_host_devices(n: int) -> bool:
+    """Ask JAX for `n` emulated CPU devices when nothing else decides how many there are.
+
+    A no-op (False) for n <= 1, in a multi-process run (each launched process has its own
+    devices), when XLA_FLAGS already sets --xla_force_host_platform_device_count or
+    JAX_NUM_CPU_DEVICES is set (the user decided), or once JAX's backends have started (too late:
+    `make_stage_mesh` then says how to set the flag). Only CPU devices are affected; on a GPU
+    machine the ring still runs on the GPUs. Returns True when it set the count.
+    """
+    if n <= 1 or os.environ.get(ENV_COORDINATOR):
+        return False
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") or jax.config.jax_num_cpu_devices >= 0:
+        return False
+    try:
+        jax.config.update("jax_num_cpu_devices", int(n))
+    except RuntimeError:  # backends already initialised
+        return False
+    return True
+
+
+def is_primary() -> bool:
+    """True in the process that writes a run's files and prints (process 0; always so in one process)."""
+    return jax.process_index() == 0
+
+
 def make_stage_mesh(num_stages: int | None = None, devices=None) -> Mesh:
     """A 1-D mesh with axis `stage` over the first `num_stages` devices (all processes' devices)."""
     devices = list(jax.devices() if devices is None else devices)

@@ -104,3 +104,39 @@ def plan_stages(
                     f"{format_size(memory_limit)}; use more devices or smaller stages"
                 )
     return Placement(out)
+
+
+def auto_stages(cfg, spec, num_stages: int, microbatch: int, seq_len: int, microbatches: int = 1,
+                profiles: Sequence | None = None, *, num_labels: int = 2, dtype: str = "fp32"):
+    """`--placement auto`: a function depth -> stage sizes, the bottleneck-optimal contiguous split
+    (`ringjax.plan.placement.optimal_placement`) of the analytic per-block costs
+    (`ringjax.plan.costs.block_costs`, one step's `microbatches` microbatches) at that unfreeze depth.
+
+    Devices are equal unless `profiles` (a fleet's device profiles, in ring order) are given; then
+    a device's speed is its peak FLOP/s and its memory what it has beside the embedding and head
+    every device holds (a block needs its weights, its adapters' gradients and Adam moments, and
+    its residuals for the step's microbatches, as `ringjax plan --method ringada` counts them).
+    """
+    from ringjax.plan.costs import block_costs as analytic_costs, embedding_params, head_params, top_layers
+
+    L = cfg.num_layers
+    if profiles is None:
+        speeds, memories = [1.0] * num_stages, [math.inf] * num_stages
+    else:
+        if len(profiles) != num_stages:
+            raise RingjaxError(f"the fleet has {len(profiles)} devices but the ring has {num_stages}: "
+                               f"give --devices {len(profiles)} or a fleet file with {num_stages} devices")
+        replicated = 4.0 * (embedding_params(cfg) + head_params(cfg, num_labels))
+        speeds = [p.flops(dtype) for p in profiles]
+        memories = [p.memory_bytes - replicated for p in profiles]
+    chosen: dict[int, tuple[int, ...]] = {}
+
+    def sizes(depth: int) -> tuple[int, ...]:
+        if depth not in chosen:
+            costs = analytic_costs(cfg, spec, microbatch, seq_len, top_layers(L, depth))
+            work = [c.train_flops * microbatches for c in costs]
+            memory = [4.0 * (c.params + 3 * c.trainable_params) + microbatches * c.residual_bytes for c in costs]
+            chosen[depth] = optimal_placement(work, memory, speeds, memories).sizes
+        return chosen[depth]
+
+    return sizes

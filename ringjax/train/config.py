@@ -65,7 +65,8 @@ class TrainConfig:
     per_round: int = 10
     rounds: int = 20
     local_steps: int = 5
-    alpha: float | None = 0.5
+    alpha: float | None = 0.5  # Dirichlet label skew of the client split; 0: IID
+    candidates: str | None = None  # CAFF: block counts of top-k model variants to choose among, e.g. 6,3
 
     @property
     def learning_rate(self) -> float:

@@ -16,6 +16,7 @@ from ringjax.data import BatchStream, Encoded, encode, eval_batches, get_task, l
 from ringjax.errors import RingjaxError
 from ringjax.models import HeadConfig, Model, load_model, load_tokenizer
 from ringjax.models.model import check_max_length
+from ringjax.parallel.mesh import is_primary
 from ringjax.peft import PeftConfig, leaf_mask, merge, preset, split
 from ringjax.peft.export import save_trainable
 from ringjax.peft.trainable import count, layer_mask
@@ -25,6 +26,9 @@ from ringjax.train.optim import OptimConfig, make_optimizer
 from ringjax.train.step import TrainState, init_state, make_eval_step, make_train_step
 
 SINGLE_DEVICE_METHODS = ("full", "lora", "houlsby", "pfeiffer", "parallel", "top-t")
+# Federated simulations (ringjax.methods.caff): they run --rounds, not --steps / --epochs.
+FEDERATED_METHODS = ("caff", "fedavg-full", "fedlora", "uniform-t")
+_FEDERATED_PEFT = {"caff": "top-t", "uniform-t": "top-t", "fedavg-full": "full", "fedlora": "lora"}
 
 
 @dataclass
@@ -52,19 +56,25 @@ class Run:
 
 
 def peft_for(config: TrainConfig) -> PeftConfig:
+    if config.method in FEDERATED_METHODS:
+        return preset(_FEDERATED_PEFT[config.method])
     name = config.method if config.method in SINGLE_DEVICE_METHODS else config.adapter
     return preset(name, top_t=config.top_t) if name == "top-t" else preset(name)
 
 
 def prepare(config: TrainConfig) -> Run:
-    if (config.steps is None) == (config.epochs is None):
+    if config.method in FEDERATED_METHODS:
+        if config.steps is not None or config.epochs is not None:
+            raise RingjaxError(f"--method {config.method} runs --rounds R of --local-steps E per client, not --steps / --epochs; drop them")
+    elif (config.steps is None) == (config.epochs is None):
         raise RingjaxError("give exactly one of --steps N or --epochs E")
     task = get_task(config.task)
     out = Path(config.out)
     if not config.resume and (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
         raise RingjaxError(f"{out} already holds checkpoints; pass --resume to continue or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    if is_primary():  # in a multi-process run, process 0 writes the run's files
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     head = HeadConfig("regression" if task.is_regression else "classification", max(task.num_labels, 2))
     model = load_model(config.model, head=head, peft=peft_for(config), seed=config.seed)
     check_max_length(model.config, config.max_length)
@@ -96,10 +106,13 @@ def evaluate(run: Run, params, eval_step=None, batch_size: int = 64) -> dict:
 
 
 class MetricsLog:
-    """JSON lines in OUT/metrics.jsonl; on resume, records past the checkpoint are dropped."""
+    """JSON lines in OUT/metrics.jsonl; on resume, records past the checkpoint are dropped.
+    Disabled (writes nothing) outside process 0 of a multi-process run."""
 
-    def __init__(self, path: Path, resume_step: int | None = None):
-        self.path = path
+    def __init__(self, path: Path, resume_step: int | None = None, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
         if resume_step is None:
             path.write_text("")
         elif path.exists():
@@ -107,12 +120,15 @@ class MetricsLog:
             path.write_text("".join(l + "\n" for l in keep))
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
 
 def write_summary(run: Run, summary: dict) -> dict:
-    (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if is_primary():
+        (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -161,7 +177,8 @@ def fit(run: Run, trainer, total: int, extra_summary: dict | None = None) -> dic
         restored, record = ckpt.restore(saved["train_state"], identity)
         trainer.load_state_dict({**record.get("extra", {}), "train_state": restored})
         start = record["data_position"]
-    log = MetricsLog(run.out / "metrics.jsonl", start if c.resume else None)
+    primary = is_primary()  # every process trains and checkpoints (orbax saves collectively); process 0 writes logs
+    log = MetricsLog(run.out / "metrics.jsonl", start if c.resume else None, enabled=primary)
     eval_step = make_eval_step(m.config, m.peft_config, m.head_config)
 
     def save(step):
@@ -171,7 +188,7 @@ def fit(run: Run, trainer, total: int, extra_summary: dict | None = None) -> dic
 
     began = time.perf_counter()
     loss = None
-    bar = tqdm(total=total, initial=start, disable=not c.progress, desc=f"{c.method} {c.task}", unit="step")
+    bar = tqdm(total=total, initial=start, disable=not (c.progress and primary), desc=f"{c.method} {c.task}", unit="step")
     for step, batch in enumerate(run.batch_stream().batches(start=start, stop=total), start=start + 1):
         metrics = trainer.train_step({k: v for k, v in batch.items() if k != "index"})
         loss = metrics["loss"]
@@ -191,7 +208,8 @@ def fit(run: Run, trainer, total: int, extra_summary: dict | None = None) -> dic
     dev = evaluate(run, final_params, eval_step)
     log.write({"step": total, "dev": dev})
     params = m.tree()
-    save_trainable(run.out, final_params, leaf_mask(params, m.peft_config), m.config, m.peft_config, m.head_config)
+    if primary:
+        save_trainable(run.out, final_params, leaf_mask(params, m.peft_config), m.config, m.peft_config, m.head_config)
     if c.checkpoint_every:
         save(total)
     factors = layer_mask(params, m.peft_config, trainer.depth(), m.config.num_layers)
