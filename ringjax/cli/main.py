@@ -137,7 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from ringjax.runtime import reuse_freed_memory
+
     args = build_parser().parse_args(argv)
+    if args.command in ("train", "bench"):
+        reuse_freed_memory()
     try:
         return args.func(args)
     except RingjaxError as e:

@@ -381,6 +381,17 @@ def cached_epoch(cache: ac.ActivationCache, encoded, stream: BatchStream, epoch:
         }
 
 
+IN_FLIGHT = 2  # steps the host dispatches ahead of the devices
+
+
+def _bound_in_flight(results: list) -> None:
+    """Wait for the result IN_FLIGHT dispatches back. XLA:CPU can deadlock the collectives of a
+    multi-device program when hundreds of its executions are queued (seen: a 250-step cached
+    epoch over 4 emulated devices hung in an all-reduce); two in flight keep the overlap."""
+    if len(results) > IN_FLIGHT:
+        jax.block_until_ready(results[-IN_FLIGHT - 1])
+
+
 def _side_batch(taps, batch) -> dict:
     return {"taps": taps, "attention_mask": batch["attention_mask"], "labels": batch["labels"],
             "example_mask": batch["example_mask"]}
@@ -565,6 +576,7 @@ def train_pac(
                 for side in cached_epoch(train_cache, train, stream, epoch):
                     state, loss = step_fn(state, final_dev, _put(side, by_row))
                     losses.append(loss)
+                    _bound_in_flight(losses)
                     if on_step is not None:
                         on_step()
             losses = np.asarray(jax.device_get(losses), np.float64)
@@ -644,6 +656,7 @@ def _live_epoch(forward, step_fn, state, final, stream, train, builder, batch_si
         state, loss = step_fn(state, final, _put(_side_batch(host, batch), by_row))
         builder.write(batch["index"], host)  # overlaps the step just dispatched
         losses.append(loss)
+        _bound_in_flight(losses)
         if on_step is not None:
             on_step()
     _fill(forward, train, builder, batch_size, buckets, finish=False)  # rows the epoch's plan left out
@@ -669,6 +682,7 @@ def _evaluate(eval_fn, trainable, final, cache, encoded, batch_size, buckets, by
     for idx in _eval_plan(len(encoded), lengths, batch_size, buckets):
         batch = token_batch(encoded, idx, _width(lengths, idx, buckets), batch_size)
         outs.append((batch["index"], eval_fn(trainable, final, _put(cached_batch(cache, batch), by_row))))
+        _bound_in_flight([out for _, out in outs])
     for index, (p, l) in outs:
         real = index >= 0
         preds[index[real]] = np.asarray(p)[real]

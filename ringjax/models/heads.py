@@ -1,5 +1,5 @@
-"""Task heads: sequence classification / regression (pooled CLS for encoders, last real token
-for decoders) and causal LM."""
+"""Task heads: sequence classification / regression (pooled CLS, or the mean over real tokens,
+for encoders; last real token for decoders) and causal LM."""
 
 from __future__ import annotations
 
@@ -13,16 +13,22 @@ from ringjax.errors import RingjaxError
 from ringjax.models.config import ModelConfig
 
 HEAD_KINDS = ("classification", "regression", "lm")
+POOLINGS = ("cls", "mean")
 
 
 @dataclass(frozen=True)
 class HeadConfig:
     kind: str = "classification"
     num_labels: int = 2
+    # encoders: "cls" feeds the [CLS] state to BERT's pooler, as Hugging Face does; "mean" feeds
+    # the mean over real tokens, the pooling sentence-transformers checkpoints (MiniLM) were trained with
+    pooling: str = "cls"
 
     def __post_init__(self):
         if self.kind not in HEAD_KINDS:
             raise RingjaxError(f"unknown head {self.kind!r}; choose one of {HEAD_KINDS}")
+        if self.pooling not in POOLINGS:
+            raise RingjaxError(f"unknown pooling {self.pooling!r}; choose one of {POOLINGS}")
 
     @property
     def outputs(self) -> int:
@@ -58,7 +64,12 @@ def apply_head(cfg: ModelConfig, head: HeadConfig, p: dict, h, attention_mask, e
         kernel = embed["word"].T if cfg.tie_word_embeddings else p["lm"]["kernel"]
         return h @ kernel
     if cfg.is_encoder:
-        pooled = jnp.tanh(h[:, 0] @ p["pooler"]["kernel"] + p["pooler"]["bias"])
+        if head.pooling == "mean":
+            real = attention_mask[..., None].astype(h.dtype)
+            first = (h * real).sum(1) / jnp.maximum(real.sum(1), 1.0)
+        else:
+            first = h[:, 0]
+        pooled = jnp.tanh(first @ p["pooler"]["kernel"] + p["pooler"]["bias"])
         return pooled @ p["classifier"]["kernel"] + p["classifier"]["bias"]
     last = jnp.maximum(attention_mask.sum(-1) - 1, 0)
     return h[jnp.arange(h.shape[0]), last] @ p["classifier"]["kernel"]

@@ -31,6 +31,7 @@ class TrainConfig:
     method: str = "houlsby"
     adapter: str = "houlsby"  # the PEFT module RingAda / DEFT train
     top_t: int = 2
+    pooling: str = "cls"  # encoder heads: "cls" (Hugging Face's pooler on [CLS]) or "mean" over real tokens
     # how long
     steps: int | None = None
     epochs: float | None = None

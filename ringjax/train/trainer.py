@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ringjax.data import BatchStream, Encoded, encode, eval_batches, get_task, load_task_data, task_metric
 from ringjax.errors import RingjaxError
+from ringjax.fl.selection import METHODS as FL_METHODS
 from ringjax.models import HeadConfig, Model, load_model, load_tokenizer
 from ringjax.models.model import check_max_length
 from ringjax.parallel.mesh import is_primary
@@ -26,8 +27,8 @@ from ringjax.train.optim import OptimConfig, make_optimizer
 from ringjax.train.step import TrainState, init_state, make_eval_step, make_train_step
 
 SINGLE_DEVICE_METHODS = ("full", "lora", "houlsby", "pfeiffer", "parallel", "top-t")
-# Federated simulations (ringjax.methods.caff): they run --rounds, not --steps / --epochs.
-FEDERATED_METHODS = ("caff", "fedavg-full", "fedlora", "uniform-t")
+# Federated simulations (ringjax.methods.caff) run --rounds, not --steps / --epochs.
+FEDERATED_METHODS = FL_METHODS
 _FEDERATED_PEFT = {"caff": "top-t", "uniform-t": "top-t", "fedavg-full": "full", "fedlora": "lora"}
 
 
@@ -75,7 +76,8 @@ def prepare(config: TrainConfig) -> Run:
     out.mkdir(parents=True, exist_ok=True)
     if is_primary():  # in a multi-process run, process 0 writes the run's files
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    head = HeadConfig("regression" if task.is_regression else "classification", max(task.num_labels, 2))
+    head = HeadConfig("regression" if task.is_regression else "classification", max(task.num_labels, 2),
+                      pooling=config.pooling)
     model = load_model(config.model, head=head, peft=peft_for(config), seed=config.seed)
     check_max_length(model.config, config.max_length)
     tokenizer = load_tokenizer(model.directory)
@@ -210,7 +212,7 @@ def fit(run: Run, trainer, total: int, extra_summary: dict | None = None) -> dic
     params = m.tree()
     if primary:
         save_trainable(run.out, final_params, leaf_mask(params, m.peft_config), m.config, m.peft_config, m.head_config)
-    if c.checkpoint_every:
+    if c.checkpoint_every and total % c.checkpoint_every:  # otherwise the loop saved step `total` already
         save(total)
     factors = layer_mask(params, m.peft_config, trainer.depth(), m.config.num_layers)
     return write_summary(run, {
