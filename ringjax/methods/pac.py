@@ -678,12 +678,13 @@ def _evaluate(eval_fn, trainable, final, cache, encoded, batch_size, buckets, by
     lengths = np.minimum(np.diff(encoded.offsets), buckets[-1])
     preds = np.zeros(len(encoded), np.float32)
     loss_sum = 0.0
-    outs = []
+    indices, outs = [], []
     for idx in _eval_plan(len(encoded), lengths, batch_size, buckets):
         batch = token_batch(encoded, idx, _width(lengths, idx, buckets), batch_size)
-        outs.append((batch["index"], eval_fn(trainable, final, _put(cached_batch(cache, batch), by_row))))
-        _bound_in_flight([out for _, out in outs])
-    for index, (p, l) in outs:
+        indices.append(batch["index"])
+        outs.append(eval_fn(trainable, final, _put(cached_batch(cache, batch), by_row)))
+        _bound_in_flight(outs)
+    for index, (p, l) in zip(indices, outs):
         real = index >= 0
         preds[index[real]] = np.asarray(p)[real]
         loss_sum += float(np.asarray(l)[real].sum())
