@@ -33,7 +33,7 @@ FLEET = yaml.safe_load(FLEET_FILE.read_text())  # also read by caff_timing.py
 METHODS = ("caff", "uniform-t", "fedlora", "fedavg-full")
 # settings a finished OUT/<method>.json must share with this invocation to be reused
 RUN_KEYS = ("model", "data_dir", "fleet", "clients", "per_round", "rounds", "local_steps", "batch_size", "max_length",
-            "alpha", "lr", "lora_lr", "eval_every", "seed", "max_train_examples", "max_eval_examples")
+            "alpha", "lr", "lora_lr", "server_momentum", "eval_every", "seed", "max_train_examples", "max_eval_examples")
 
 
 def main() -> None:
@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label skew; 0: IID")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--lora-lr", type=float, default=1e-3)
+    parser.add_argument("--server-momentum", type=float, default=0.0, help="FedAvgM server momentum for every method (0: plain averaging)")
     parser.add_argument("--eval-every", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-train-examples", type=int, default=None, help="a seeded subset of the training set (short runs)")
@@ -110,7 +111,7 @@ def run_methods(args, out: Path, methods: list[str], settings: dict) -> None:
     config = FLConfig(
         num_clients=args.clients, per_round=args.per_round, rounds=args.rounds, local_steps=args.local_steps,
         batch_size=args.batch_size, max_length=args.max_length, alpha=args.alpha or None, seed=args.seed, lr=args.lr,
-        lora_lr=args.lora_lr, eval_every=args.eval_every,
+        lora_lr=args.lora_lr, eval_every=args.eval_every, server_momentum=args.server_momentum,
     )
     costs = CostModel(model.config, model.head_config, config.workload)
     for name, c in costs.table():

@@ -15,7 +15,13 @@ For each unfreeze depth, on N emulated CPU devices (`--xla_force_host_platform_d
     157 MiB per device for MiniLM here), above glibc's mmap threshold, so it is mapped afresh at
     every step and every page faults (a few microseconds each in this VM; the JSON's
     `page_faults` shows the step's measured faults next to the temporary buffer's pages). The
-    "alloc" program writes one byte per page of a fresh mapping of that size.
+    "alloc" program writes one byte per page of a fresh mapping of that size. That is the
+    process as plain Python runs it (`--malloc system`); by default (`--malloc reuse`) the script
+    applies what the `ringjax` command line applies, `ringjax.runtime.reuse_freed_memory`, so the
+    buffer is reused from the heap and the step faults few pages; what remains of "alloc" is the
+    step's zero-filling of its scan carry (the residual stash, S slots of the largest training
+    program's residuals, and the activation and gradient buffers), timed as a program that
+    materialises zeros of those shapes.
     The emulated devices share the host's cores, and a program costs less per copy when k
     devices run it at once than alone (XLA's intra-op threads split one program over both
     cores, with their synchronisation overhead; k programs keep the cores busy). So each
@@ -176,6 +182,17 @@ def fresh_memory_program(nbytes: int):
     return run
 
 
+def carry_zeros_program(pipe, mb: int, seq: int, stage_blocks, stage_peft, device):
+    """Zero-argument callable materialising zeros shaped like one device's scan carry (the
+    stash of `pipe.schedule.slots` residual slots and the (M + 1) activation and gradient
+    buffers): the fill the ring step pays at its start when its buffers come from the heap."""
+    sizes = pipe._residual_layout(stage_blocks, stage_peft, (mb, seq))
+    shapes = [((pipe.schedule.slots, n), k) for k, n in sizes.items()]
+    shapes += [((pipe.M + 1, mb, seq, pipe.cfg.hidden_size), "float32")] * 2
+    return jax.jit(lambda: [jnp.zeros(shape, dtype) for shape, dtype in shapes],
+                   out_shardings=jax.sharding.SingleDeviceSharding(device))
+
+
 def emulated_profiles(n: int):
     """The emulated devices: the `cpu-host` preset (compute speed does not matter here: the costs are seconds)."""
     from ringjax.plan import preset
@@ -237,7 +254,7 @@ class Case:
 
 
 def build_case(model, depth: int, devices: int, microbatches: int, host_batch: dict, *, schedule: str = "1f1b",
-               stages: str = "equal") -> Case:
+               stages: str = "equal", fresh_temp: bool = True) -> Case:
     from ringjax.methods.ringada import make_ring_train_step
     from ringjax.parallel.mesh import make_stage_mesh, put_tree
     from ringjax.parallel.placement import plan_stages
@@ -261,7 +278,15 @@ def build_case(model, depth: int, devices: int, microbatches: int, host_batch: d
     programs = action_programs(pipe, trainable, frozen, host_batch, ring_devices)
     programs[("update", EVERY)] = update_programs(pipe, optimizer, params, state0, ring_devices)
     temp = int(compiled.memory_analysis().temp_size_in_bytes)  # one SPMD program: the same on every device
-    programs[("alloc", EVERY)] = [fresh_memory_program(temp)] * devices
+    if fresh_temp:
+        programs[("alloc", EVERY)] = [fresh_memory_program(temp)] * devices
+    else:
+        S, mb = pipe.placement.max_size, pipe.microbatch_size(host_batch["input_ids"].shape[0])
+        staged_blocks = pipe.stage_tree(frozen["blocks"])
+        staged_peft = pipe.stage_tree(trainable["peft"]["blocks"])
+        local = jax.tree.map(lambda x: x[:S], (staged_blocks, staged_peft))
+        programs[("alloc", EVERY)] = [carry_zeros_program(pipe, mb, host_batch["input_ids"].shape[1], *local, device)
+                                      for device in ring_devices]
     return Case(depth, pipe, compiled, state, placed, data, temp, programs, {}, [])
 
 
@@ -341,7 +366,7 @@ def report(case: Case, activation_bytes: float = 0.0) -> dict:
     out["temp_bytes_per_device"] = case.temp_bytes
     out["page_faults"] = {
         "measured_step": statistics.median(t[2] for t in case.step_times),
-        "predicted_step_temp_pages": pipe.N * case.temp_bytes // mmap.PAGESIZE,
+        "temp_buffer_pages": pipe.N * case.temp_bytes // mmap.PAGESIZE,
     }
     for clock, i in (("cpu", 1), ("wall", 0)):
         costs = costs_per_action(case, i)
@@ -377,7 +402,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--depths", default="1,3,6")
     ap.add_argument("--schedule", default="1f1b")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--malloc", choices=["reuse", "system"], default="reuse",
+                    help="reuse: keep freed heap memory as the ringjax CLI does; system: glibc's defaults")
     args = ap.parse_args(argv)
+
+    from ringjax.runtime import reuse_freed_memory
+
+    reused = args.malloc == "reuse" and reuse_freed_memory()
 
     import ringjax
     from ringjax.plan.costs import hidden_state_bytes
@@ -385,8 +416,8 @@ def main(argv=None) -> dict:
     model = ringjax.load_model(args.model, head="classification", peft="houlsby")
     depths = [int(x) for x in args.depths.split(",") if x.strip()]
     host_batch = random_batch(args.batch, args.seq, model.config.vocab_size)
-    cases = [build_case(model, depth, args.devices, args.microbatches, host_batch, schedule=args.schedule)
-             for depth in depths]
+    cases = [build_case(model, depth, args.devices, args.microbatches, host_batch, schedule=args.schedule,
+                        fresh_temp=not reused) for depth in depths]
     load_before = os.getloadavg()
     measure(cases, args.repeats)
     act_bytes = hidden_state_bytes(model.config, args.batch // args.microbatches, args.seq)
@@ -394,6 +425,7 @@ def main(argv=None) -> dict:
     result = {
         "model": args.model, "devices": args.devices, "batch": args.batch, "seq": args.seq,
         "microbatches": args.microbatches, "schedule": args.schedule, "repeats": args.repeats,
+        "malloc": "reuse" if reused else "system",
         "cpu_cores": os.cpu_count(), "load_average_1m": [load_before[0], os.getloadavg()[0]],
         "depths": rows,
         "worst_abs_relative_error": {clock: max(abs(r[clock]["relative_error"]) for r in rows) for clock in ("cpu", "wall")},

@@ -5,7 +5,13 @@ The PyTorch side runs ../shared/bench/peer_step.py in its own virtual environmen
 ../shared/bench/README.md); pass that environment's python with --peer-python.
 
 usage: python experiments/speed_vs_pytorch.py --peer-python /tmp/peer-venv/bin/python [--rounds 3]
-Prints one JSON object: per method, both medians and their ratio, plus ringjax's MFU.
+Prints one JSON object: per ringjax variant, both medians and their ratio, plus ringjax's MFU.
+
+Variants: lora, houlsby and full in float32, and lora and houlsby with `--compute-dtype
+bfloat16` (frozen backbone kernels in bf16, everything else float32). Every variant is compared
+with the float32 PyTorch step the issue names (LoRA for the PEFT methods, full for full); the
+bf16 variants also with the same PyTorch step under `torch.autocast("cpu", torch.bfloat16)`, the
+mixed precision PyTorch itself offers, so neither side's precision is hidden.
 """
 
 from __future__ import annotations
@@ -17,7 +23,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-PAIRS = {"lora": "lora", "houlsby": "lora", "full": "full"}  # ringjax method -> PyTorch reference
+# name -> (ringjax method, compute dtype, PyTorch reference step)
+VARIANTS = {
+    "lora": ("lora", "float32", "lora"),
+    "houlsby": ("houlsby", "float32", "lora"),
+    "full": ("full", "float32", "full"),
+    "lora-bf16": ("lora", "bfloat16", "lora"),
+    "houlsby-bf16": ("houlsby", "bfloat16", "lora"),
+}
+AUTOCAST = ("import runpy, sys, torch; script = sys.argv[1]; sys.argv = sys.argv[1:]\n"
+            "with torch.autocast('cpu', dtype=torch.bfloat16): runpy.run_path(script, run_name='__main__')")
 
 
 def run_json(cmd: list[str]) -> dict:
@@ -33,22 +48,32 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=64)
     args = parser.parse_args()
-    ours = {m: [] for m in PAIRS}
-    peer = {m: [] for m in set(PAIRS.values())}
-    mfu = {m: [] for m in PAIRS}
+    ours = {name: [] for name in VARIANTS}
+    mfu = {name: [] for name in VARIANTS}
+    peer = {}  # (reference, "float32" | "bf16-autocast") -> seconds
+    shape = [str(args.batch), str(args.seq)]
     for _ in range(args.rounds):
-        for method, reference in PAIRS.items():
+        for name, (method, dtype, reference) in VARIANTS.items():
             r = run_json([sys.executable, "-m", "ringjax.cli.main", "bench", "step", "--method", method,
-                          "--batch", str(args.batch), "--seq", str(args.seq), "--json"])
-            ours[method].append(r["seconds_per_step"])
-            mfu[method].append(r["mfu"])
-            p = run_json([args.peer_python, args.peer_script, reference, str(args.batch), str(args.seq)])
-            peer[reference].append(p["seconds_per_step"])
+                          "--compute-dtype", dtype, "--batch", shape[0], "--seq", shape[1], "--json"])
+            ours[name].append(r["seconds_per_step"])
+            mfu[name].append(r["mfu"])
+            peer_runs = [("float32", [args.peer_python, args.peer_script, reference, *shape])]
+            if dtype == "bfloat16":
+                peer_runs.append(("bf16-autocast", [args.peer_python, "-c", AUTOCAST, args.peer_script, reference, *shape]))
+            for precision, cmd in peer_runs:
+                peer.setdefault((reference, precision), []).append(run_json(cmd)["seconds_per_step"])
     result = {}
-    for method, reference in PAIRS.items():
-        a, b = statistics.median(ours[method]), statistics.median(peer[reference])
-        result[method] = {"ringjax_seconds": a, f"pytorch_{reference}_seconds": b, "ratio": a / b,
-                          "mfu": statistics.median(mfu[method]), "rounds": args.rounds}
+    for name, (method, dtype, reference) in VARIANTS.items():
+        a = statistics.median(ours[name])
+        row = {"ringjax_seconds": a, "compute_dtype": dtype, "mfu": statistics.median(mfu[name]), "rounds": args.rounds}
+        for precision in ("float32", "bf16-autocast"):
+            if dtype == "float32" and precision != "float32" or (reference, precision) not in peer:
+                continue
+            b = statistics.median(peer[(reference, precision)])
+            row[f"pytorch_{reference}_{precision}_seconds"] = b
+            row[f"ratio_vs_pytorch_{precision}"] = a / b
+        result[name] = row
     print(json.dumps(result, indent=2))
 
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from ringjax.errors import RingjaxError
 from ringjax.models import HeadConfig, load_model
+from ringjax.models.precision import cast_frozen_kernels
 from ringjax.peft import leaf_mask, preset, split
 from ringjax.train.optim import OptimConfig, make_optimizer
 from ringjax.train.step import init_state, make_train_step
@@ -57,11 +58,15 @@ def peak_bytes(compiled) -> int:
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
-def single_device_step(model_name: str, method: str, batch: int, seq: int, unroll: bool = False):
+def single_device_step(model_name: str, method: str, batch: int, seq: int, unroll: bool = False,
+                       compute_dtype: str = "float32"):
     """(compiled step, state, frozen, batch) for one training step of `method`."""
     model = load_model(model_name, head=HeadConfig("classification", 2), peft=preset(method))
     params = model.tree()
     trainable, frozen = split(params, leaf_mask(params, model.peft_config))
+    if compute_dtype != "float32" and model.peft_config.kind not in ("adapter", "lora"):
+        raise RingjaxError(f"--compute-dtype {compute_dtype} narrows frozen kernels: adapter and LoRA methods only, not {method}")
+    frozen = cast_frozen_kernels(frozen, compute_dtype)
     optimizer = make_optimizer(OptimConfig(), 1000)
     state = init_state(optimizer, trainable)
     step = make_train_step(model.config, model.peft_config, model.head_config, optimizer, params, model.depth, unroll)
@@ -70,8 +75,9 @@ def single_device_step(model_name: str, method: str, batch: int, seq: int, unrol
     return compiled, state, frozen, data
 
 
-def bench_step(model: str = "minilm", method: str = "houlsby", batch: int = 32, seq: int = 64, repeats: int = 5) -> dict:
-    compiled, state, frozen, data = single_device_step(model, method, batch, seq)
+def bench_step(model: str = "minilm", method: str = "houlsby", batch: int = 32, seq: int = 64, repeats: int = 5,
+               compute_dtype: str = "float32") -> dict:
+    compiled, state, frozen, data = single_device_step(model, method, batch, seq, compute_dtype=compute_dtype)
     holder = [state]
 
     def run():
@@ -79,11 +85,11 @@ def bench_step(model: str = "minilm", method: str = "houlsby", batch: int = 32, 
         return metrics["loss"]
 
     seconds = median_seconds(run, repeats)
-    flops = compiled_flops(single_device_step(model, method, batch, seq, unroll=True)[0])  # see run_blocks
+    flops = compiled_flops(single_device_step(model, method, batch, seq, unroll=True, compute_dtype=compute_dtype)[0])  # see run_blocks
     peak = matmul_peak_gflops()
     achieved = flops / seconds / 1e9
     return {
-        "model": model, "method": method, "batch": batch, "seq": seq, "seconds_per_step": seconds,
+        "model": model, "method": method, "compute_dtype": compute_dtype, "batch": batch, "seq": seq, "seconds_per_step": seconds,
         "tokens_per_second": batch * seq / seconds, "flops_per_step": flops, "gflops_per_second": achieved,
         "matmul_peak_gflops": peak, "mfu": achieved / peak, "peak_bytes": peak_bytes(compiled),
         "device": str(jax.devices()[0].device_kind),
@@ -142,7 +148,7 @@ def bench_pac_cli(options: dict) -> dict:
 
 # `ringjax bench WHAT`: name -> fn(options from the command line) -> JSON-able dict
 BENCHMARKS = {
-    "step": lambda o: bench_step(o["model"], o["method"], o["batch"], o["seq"], o["repeats"]),
+    "step": lambda o: bench_step(o["model"], o["method"], o["batch"], o["seq"], o["repeats"], o.get("compute_dtype", "float32")),
     "pac": bench_pac_cli,
     "ring": lambda o: _bench_ring_cli(o),
 }

@@ -29,6 +29,10 @@ def _glue(tmp_path, rows):
         (["--method", "bogus"], "unknown method"),
         (["--max-length", "4096"], "exceeds the model's limit"),
         (["--batch-size", "many"], "expects int"),
+        (["--method", "ringada", "--train-norms"], "--train-norms apply to the single-device adapter"),
+        (["--method", "houlsby", "--reduction-factor", "0"], "reduction_factor must be a positive integer"),
+        (["--method", "full", "--compute-dtype", "bfloat16"], "--compute-dtype apply to the single-device adapter"),
+        (["--method", "lora", "--compute-dtype", "float8"], "unknown compute dtype"),
     ],
 )
 def test_bad_flags_give_one_line_errors(capsys, tmp_path, tiny_bert_dir, argv, needle):

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from ringjax.fl import Aggregator, LocalJob, layerwise_average
+from ringjax.fl import Aggregator, LocalJob, layerwise_average, server_momentum
 
 
 def server():
@@ -60,3 +60,14 @@ def test_full_jobs_average_embeddings_and_group_sums_match_clients():
     group.add(LocalJob("top-t", 2), sums, 3.0)
     for u, v in zip(jnp.asarray(one.result()["blocks"]["w"]), jnp.asarray(group.result()["blocks"]["w"])):
         assert np.allclose(u, v)
+
+
+def test_server_momentum_accumulates_round_changes_by_hand():
+    old = {"w": jnp.array([1.0, 2.0]), "frozen": jnp.array([5.0])}
+    first, v = server_momentum(old, {"w": jnp.array([2.0, 2.0]), "frozen": jnp.array([5.0])}, None, 0.9)
+    np.testing.assert_allclose(first["w"], [2.0, 2.0])  # round 1: plain averaging
+    second, v = server_momentum(first, {"w": jnp.array([2.5, 1.0]), "frozen": jnp.array([5.0])}, v, 0.9)
+    # v = 0.9 * [1, 0] + [0.5, -1] = [1.4, -1]; server = [2, 2] + v
+    np.testing.assert_allclose(v["w"], [1.4, -1.0])
+    np.testing.assert_allclose(second["w"], [3.4, 1.0])
+    np.testing.assert_array_equal(second["frozen"], [5.0])  # nobody moved it: no change, no momentum

@@ -6,9 +6,12 @@ import pytest
 from jax.sharding import Mesh
 from test_fl_common import CFG, FAST, HEAD, B, E, T, fleet, synthetic, tiny_params
 
+from ringjax.data.partition import partition
 from ringjax.errors import RingjaxError
-from ringjax.fl import Budget, ClientBudgets, FLConfig, FLModel, GroupRunner, LocalJob, chunk_sizes, local_optimizer, make_local_round, run_federated, split_params, tree_bytes
+from ringjax.fl import (Budget, ClientBudgets, CostModel, FLConfig, FLModel, GroupRunner, LocalJob, chunk_sizes, local_optimizer,
+                        make_local_round, plan_clients, run_federated, server_momentum, split_params, tree_bytes)
 from ringjax.fl.clients import client_logits, gather
+from ringjax.fl.rounds import run_round
 from ringjax.methods.caff import slice_top_blocks, train_caff
 from ringjax.models.backbone import forward
 from ringjax.peft import PeftConfig
@@ -133,9 +136,34 @@ def test_train_caff_picks_candidate(params):
         slice_top_blocks(CFG, params, 5)
 
 
+def test_server_momentum_run_equals_rounds_composed_by_hand(params):
+    """Two rounds with FedAvgM equal two one-round runs whose averages are combined by `server_momentum`."""
+    train, budgets = synthetic(120, seed=5), fleet().assign(10)
+    base = dict(num_clients=10, per_round=3, local_steps=E, batch_size=B, max_length=T, buckets=(T,), lr=1e-2,
+                client_chunk=4, verify_memory=False, compiler_options=FAST_CFG)
+    run = run_federated("uniform-t", CFG, HEAD, params, train, budgets, FLConfig(rounds=2, server_momentum=0.5, **base), log=None)
+    plain = FLConfig(rounds=2, **base)
+    chosen = [np.asarray(r.clients) for r in run.rounds]
+    server, velocity = params, None
+    model = FLModel(CFG, HEAD)
+    plan = plan_clients("uniform-t", CostModel(CFG, HEAD, plain.workload, model.lora), budgets)
+    runner = GroupRunner(model, {"top-t": local_optimizer(plain.lr, plain.weight_decay, plain.clip_norm)}, None,
+                         compiler_options=dict(FAST_CFG))
+    parts = partition(train.labels, 10, plain.alpha, plain.seed)
+    for r, clients in enumerate(chosen, start=1):
+        averaged, _ = run_round(server, clients, plan, runner, train, parts, plain, r)
+        server, velocity = server_momentum(server, averaged, velocity, 0.5)
+    for a, b in zip(jax.tree.leaves(run.params), jax.tree.leaves(server)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(server["head"]), jax.tree.leaves(averaged["head"]))]
+    assert any(moved)  # round 1's change, carried by momentum, moved the server past round 2's plain average
+
+
 def test_errors(params):
     with pytest.raises(RingjaxError, match="cannot sample 5 clients per round from 3"):
         FLConfig(num_clients=3, per_round=5)
+    with pytest.raises(RingjaxError, match="server momentum must be in"):
+        FLConfig(server_momentum=1.0)
     budgets = ClientBudgets.from_list([Budget(1, 1, 1)] * 2)
     with pytest.raises(RingjaxError, match="no client's budgets"):
         run_federated("caff", CFG, HEAD, params, synthetic(20), budgets, FLConfig(num_clients=2, per_round=1, rounds=1, verify_memory=False), log=None)

@@ -75,6 +75,25 @@ def test_trainable_masks_keep_the_backbone_frozen_for_adapters():
     assert np.asarray(factors["peft"]["blocks"]["adapter"]["ffn"]["up"]["bias"]).ravel().tolist() == [0, 0, 1, 1]
 
 
+@pytest.mark.parametrize("method", ["houlsby", "lora"])
+def test_train_norms_trains_the_top_blocks_layer_norms_and_nothing_else_of_the_backbone(method):
+    spec, params = _params(method, train_norms=True)
+    mask = leaf_mask(params, spec)
+    trains = {"/".join(str(k.key) for k in path) for path, m in jax.tree_util.tree_leaves_with_path(mask["blocks"]) if m}
+    assert trains == {"attn_norm/scale", "attn_norm/bias", "ffn_norm/scale", "ffn_norm/bias"}
+    assert not any(jax.tree.leaves(mask["embed"]))
+    trainable, frozen = split(params, mask)
+    before = {name: np.asarray(params["blocks"][name]["scale"]) for name in ("attn_norm", "ffn_norm")}
+    optimizer = make_optimizer(OptimConfig(lr=1e-2, warmup_ratio=0.0), 10)
+    state = init_state(optimizer, trainable)
+    step = make_train_step(CFG, spec, HEAD, optimizer, params, 2)
+    for _ in range(2):
+        state, _ = step(state, frozen, BATCH)
+    for name, old in before.items():
+        changed = np.abs(np.asarray(state.trainable["blocks"][name]["scale"]) - old).max(1) > 0
+        assert changed.tolist() == [False, False, True, True]
+
+
 def test_trainable_export_round_trips(tmp_path):
     spec, params = _params("houlsby")
     params["peft"] = jax.tree.map(lambda x: x + 0.5, params["peft"])

@@ -105,7 +105,7 @@ def test_measured_stage_times_give_a_finite_positive_prediction(tiny):
     assert set(costs) == {(a.kind, a.stage) for a in experiment.step_schedule(case.pipe).actions}
     row = experiment.report(case, activation_bytes=2 * 8 * tiny.config.hidden_size * 4)
     assert row["depth"] == 2 and row["actions"] == {"fwd": 2 * 2, "bwd": 2, "head": 2}
-    assert row["page_faults"]["predicted_step_temp_pages"] > 0
+    assert row["page_faults"]["temp_buffer_pages"] > 0
     for clock in ("wall", "cpu"):
         r = row[clock]
         for key in ("predicted_total_work_s", "predicted_makespan_s", "measured_step_s"):

@@ -29,7 +29,7 @@ from ringjax.data.metrics import main_metric_name, task_metric
 from ringjax.data.partition import partition
 from ringjax.data.tokenize import Encoded
 from ringjax.errors import RingjaxError
-from ringjax.fl.aggregation import Aggregator
+from ringjax.fl.aggregation import Aggregator, server_momentum
 from ringjax.fl.budgets import ClientBudgets
 from ringjax.fl.clients import (
     FLModel,
@@ -68,6 +68,7 @@ class FLConfig:
     lora_lr: float = 5e-4
     weight_decay: float = 0.0
     clip_norm: float | None = 1.0
+    server_momentum: float = 0.0  # FedAvgM's beta: 0 is plain averaging
     client_chunk: int = 8  # clients per compiled group call (a multiple of the mesh size)
     eval_every: int = 1
     eval_batch_size: int = 128
@@ -77,6 +78,8 @@ class FLConfig:
     def __post_init__(self):
         if self.per_round < 1 or self.num_clients < 1 or self.rounds < 0 or self.local_steps < 1 or self.batch_size < 1:
             raise RingjaxError("clients, per-round, local steps and batch size must be positive (rounds >= 0)")
+        if not 0.0 <= self.server_momentum < 1.0:
+            raise RingjaxError(f"server momentum must be in [0, 1), got {self.server_momentum}")
         if self.per_round > self.num_clients:
             raise RingjaxError(f"cannot sample {self.per_round} clients per round from {self.num_clients}; lower --per-round")
         if self.max_length not in self.buckets:
@@ -274,11 +277,15 @@ def run_federated(
 
     history: list[RoundMetrics] = []
     total_bytes = 0
-    server = params
+    server, velocity = params, None
     for r in range(1, config.rounds + 1):
         start = time.perf_counter()
         chosen = sample_clients(eligible, config.per_round, config.seed, r)
-        server, losses = run_round(server, chosen, plan, runner, train, parts, config, r)
+        averaged, losses = run_round(server, chosen, plan, runner, train, parts, config, r)
+        if config.server_momentum:
+            server, velocity = server_momentum(server, averaged, velocity, config.server_momentum)
+        else:
+            server = averaged
         jax.block_until_ready(server)
         train_seconds = time.perf_counter() - start
         round_bytes = int(sum(upload_of[plan.jobs[c]] for c in chosen))

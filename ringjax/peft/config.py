@@ -32,10 +32,16 @@ class PeftConfig:
     top_t: int = 2
     # parallel adapters (PAC's side network)
     side_reduction: int = 8
+    # adapter and LoRA methods: also train the blocks' layer-norm scales and biases, as Houlsby et
+    # al. (2019) do; a few thousand parameters that let the frozen blocks re-scale their features
+    train_norms: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise RingjaxError(f"unknown PEFT kind {self.kind!r}; choose one of {KINDS}")
+        for name in ("reduction_factor", "lora_rank", "top_t", "side_reduction"):
+            if getattr(self, name) < 1:
+                raise RingjaxError(f"{name} must be a positive integer, got {getattr(self, name)}")
 
     @property
     def lora_scaling(self) -> float:

@@ -75,6 +75,9 @@ def export_hf_peft(directory, params: dict, cfg: ModelConfig, spec: PeftConfig, 
     """LoRA weights as Hugging Face PEFT saves them (lora_A (r, in), lora_B (out, r))."""
     if spec.kind != "lora":
         raise RingjaxError("the Hugging Face PEFT layout is for LoRA runs; use --format ringjax for other methods")
+    if spec.train_norms:
+        raise RingjaxError("the Hugging Face PEFT layout holds LoRA factors only, and this run also trained layer norms; "
+                           "use --format ringjax to keep them")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     modules, prefix = HF_MODULES[cfg.arch], HF_PREFIX[cfg.arch]

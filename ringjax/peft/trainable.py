@@ -22,21 +22,30 @@ def default_depth(spec: PeftConfig, num_layers: int) -> int:
     return min(spec.top_t, num_layers) if spec.kind == "top-t" else num_layers
 
 
-def _trains(spec: PeftConfig, top: str) -> bool:
-    if top in ("head", "peft"):
+def _keys(path) -> list:
+    return [getattr(k, "key", None) for k in path]
+
+
+def _is_block_norm(path) -> bool:
+    keys = _keys(path)
+    return keys[0] == "blocks" and any(isinstance(k, str) and k.endswith("norm") for k in keys[1:])
+
+
+def _trains(spec: PeftConfig, path) -> bool:
+    top = path[0].key
+    if top in ("head", "peft") or spec.kind == "full":
         return True
-    if spec.kind == "full":
+    if spec.kind == "top-t" and top in ("blocks", "final"):
         return True
-    return spec.kind == "top-t" and top in ("blocks", "final")
+    return spec.train_norms and _is_block_norm(path)
 
 
 def leaf_mask(params: dict, spec: PeftConfig) -> dict:
-    return {top: jax.tree.map(lambda _: _trains(spec, top), sub) for top, sub in params.items()}
+    return jax.tree_util.tree_map_with_path(lambda path, _: _trains(spec, path), params)
 
 
 def _is_stacked(path) -> bool:
-    keys = [getattr(k, "key", None) for k in path]
-    return "blocks" in keys
+    return "blocks" in _keys(path)
 
 
 def layer_mask(params: dict, spec: PeftConfig, depth: int, num_layers: int) -> dict:
@@ -45,7 +54,7 @@ def layer_mask(params: dict, spec: PeftConfig, depth: int, num_layers: int) -> d
 
     def factor(path, leaf):
         top = path[0].key
-        if not _trains(spec, top):
+        if not _trains(spec, path):
             return jnp.zeros(())
         if _is_stacked(path):
             return top_layers.reshape((num_layers,) + (1,) * (leaf.ndim - 1))

@@ -31,6 +31,10 @@ class TrainConfig:
     method: str = "houlsby"
     adapter: str = "houlsby"  # the PEFT module RingAda / DEFT train
     top_t: int = 2
+    train_norms: bool = False  # adapter / LoRA methods: the blocks' layer norms train too
+    reduction_factor: int | None = None  # bottleneck adapters: hidden size / adapter width (None: the preset's 16)
+    lora_rank: int | None = None  # None: the preset's 8 (alpha scales with it: alpha = 2 x rank)
+    compute_dtype: str = "float32"  # bfloat16: frozen backbone kernels stored and multiplied in bf16 (adapter / LoRA)
     pooling: str = "cls"  # encoder heads: "cls" (Hugging Face's pooler on [CLS]) or "mean" over real tokens
     # how long
     steps: int | None = None
@@ -67,6 +71,7 @@ class TrainConfig:
     rounds: int = 20
     local_steps: int = 5
     alpha: float | None = 0.5  # Dirichlet label skew of the client split; 0: IID
+    server_momentum: float = 0.0  # federated: FedAvgM's server momentum (0: plain averaging)
     candidates: str | None = None  # CAFF: block counts of top-k model variants to choose among, e.g. 6,3
 
     @property

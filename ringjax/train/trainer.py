@@ -18,6 +18,7 @@ from ringjax.fl.selection import METHODS as FL_METHODS
 from ringjax.models import HeadConfig, Model, load_model, load_tokenizer
 from ringjax.models.model import check_max_length
 from ringjax.parallel.mesh import is_primary
+from ringjax.models.precision import cast_frozen_kernels, check_compute_dtype
 from ringjax.peft import PeftConfig, leaf_mask, merge, preset, split
 from ringjax.peft.export import save_trainable
 from ringjax.peft.trainable import count, layer_mask
@@ -57,10 +58,24 @@ class Run:
 
 
 def peft_for(config: TrainConfig) -> PeftConfig:
+    check_compute_dtype(config.compute_dtype)
+    tuned = [f"--{flag}" for flag, value in (("train-norms", config.train_norms), ("reduction-factor", config.reduction_factor),
+                                              ("lora-rank", config.lora_rank),
+                                              ("compute-dtype", config.compute_dtype != "float32")) if value]
+    if tuned and config.method not in ("houlsby", "pfeiffer", "lora"):
+        raise RingjaxError(f"{', '.join(tuned)} apply to the single-device adapter and LoRA methods "
+                           f"(houlsby, pfeiffer, lora), not --method {config.method}; drop them")
     if config.method in FEDERATED_METHODS:
         return preset(_FEDERATED_PEFT[config.method])
     name = config.method if config.method in SINGLE_DEVICE_METHODS else config.adapter
-    return preset(name, top_t=config.top_t) if name == "top-t" else preset(name)
+    if name == "top-t":
+        return preset(name, top_t=config.top_t)
+    overrides = {"train_norms": True} if config.train_norms else {}
+    if config.reduction_factor is not None:
+        overrides["reduction_factor"] = config.reduction_factor
+    if config.lora_rank is not None:
+        overrides.update(lora_rank=config.lora_rank, lora_alpha=2.0 * config.lora_rank)
+    return preset(name, **overrides)
 
 
 def prepare(config: TrainConfig) -> Run:
@@ -145,7 +160,8 @@ class SingleDevice:
     def __init__(self, run: Run, optimizer):
         m = run.model
         params = m.tree()
-        trainable, self.frozen = split(params, leaf_mask(params, m.peft_config))
+        trainable, frozen = split(params, leaf_mask(params, m.peft_config))
+        self.frozen = cast_frozen_kernels(frozen, run.config.compute_dtype)
         self.state = init_state(optimizer, trainable)
         self._depth = m.depth
         self._step = make_train_step(m.config, m.peft_config, m.head_config, optimizer, params, self._depth)

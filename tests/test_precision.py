@@ -1,0 +1,66 @@
+"""bf16 frozen kernels: the step follows the float32 one to bf16 accuracy, and only frozen kernels narrow."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ringjax
+from ringjax.models import assemble, random_backbone
+from ringjax.models.precision import cast_frozen_kernels
+from ringjax.peft import leaf_mask, preset, split
+from ringjax.peft.ops import frozen_matmul
+from ringjax.train.step import loss_fn
+
+CFG = ringjax.ModelConfig(arch="bert", vocab_size=50, hidden_size=32, num_layers=4, num_heads=4,
+                          intermediate_size=64, max_position=32, norm_eps=1e-12, activation="gelu", type_vocab_size=2)
+HEAD = ringjax.HeadConfig("classification", 2)
+BATCH = {"input_ids": jnp.arange(48).reshape(6, 8) % 50, "attention_mask": jnp.ones((6, 8), jnp.int32),
+         "labels": jnp.array([0, 1, 1, 0, 1, 0])}
+
+
+def test_frozen_matmul_multiplies_in_bf16_both_ways_and_gives_the_kernel_no_gradient():
+    x = jax.random.normal(jax.random.key(0), (5, 16))
+    w = jax.random.normal(jax.random.key(1), (16, 8))
+    wb = w.astype(jnp.bfloat16)
+    g = jax.random.normal(jax.random.key(2), (5, 8))
+    y, pullback = jax.vjp(frozen_matmul, x, wb)
+    dx, dw = pullback(g)
+    assert y.dtype == dx.dtype == jnp.float32 and dw.dtype == jnp.bfloat16
+    exact_bf16 = lambda a, b: np.asarray(a.astype(jnp.bfloat16), np.float64) @ np.asarray(b, np.float64)  # noqa: E731
+    np.testing.assert_allclose(y, exact_bf16(x, wb), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, exact_bf16(g, wb.T), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y, x @ w, rtol=0.05, atol=0.05)  # and near the float32 product
+    assert not np.asarray(dw, np.float32).any()
+
+
+def test_cast_touches_only_the_blocks_kernels_and_keeps_holes():
+    spec = preset("houlsby", train_norms=True)
+    params = assemble(CFG, random_backbone(CFG, jax.random.key(0)), HEAD, spec, jax.random.key(1))
+    _, frozen = split(params, leaf_mask(params, spec))
+    cast = cast_frozen_kernels(frozen, "bfloat16")
+    assert cast["blocks"]["query"]["kernel"].dtype == jnp.bfloat16
+    assert cast["blocks"]["query"]["bias"].dtype == jnp.float32
+    assert cast["blocks"]["attn_norm"]["scale"] is None  # trainable here: a hole in the frozen tree
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(cast["embed"]))
+    assert cast_frozen_kernels(frozen, "float32") is frozen
+    with pytest.raises(ringjax.RingjaxError, match="unknown compute dtype"):
+        cast_frozen_kernels(frozen, "float8")
+
+
+@pytest.mark.parametrize("method", ["houlsby", "lora"])
+def test_bf16_step_loss_and_gradients_follow_float32(method):
+    spec = preset(method)
+    params = assemble(CFG, random_backbone(CFG, jax.random.key(0)), HEAD, spec, jax.random.key(1))
+    params["peft"] = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape), params["peft"])
+    trainable, frozen = split(params, leaf_mask(params, spec))
+    grad = jax.jit(jax.value_and_grad(lambda t, f: loss_fn(t, f, BATCH, cfg=CFG, spec=spec, head=HEAD, depth=CFG.num_layers)))
+    loss32, g32 = grad(trainable, frozen)
+    loss16, g16 = grad(trainable, cast_frozen_kernels(frozen, "bfloat16"))
+    assert abs(float(loss16) - float(loss32)) < 1e-2 * abs(float(loss32))
+    flat32, flat16 = jax.tree.leaves(g32["peft"]), jax.tree.leaves(g16["peft"])
+    assert len(flat32) == len(flat16) > 0
+    for a, b in zip(flat32, flat16):
+        assert b.dtype == jnp.float32
+        scale = float(jnp.abs(a).max()) + 1e-12
+        assert float(jnp.abs(a - b).max()) / scale < 0.05  # bf16 keeps ~3 significant digits per product
