@@ -175,7 +175,8 @@ def plot(curves: dict, path: str) -> None:
     acc_ax.set_xlabel("round")
     acc_ax.set_ylabel("SST-2 dev accuracy (%)")
     acc_ax.set_title(f"{Path(str(s.get('model', '?'))).name}, {s.get('clients', '?')} clients, {s.get('per_round', '?')} per round, "
-                     f"Dirichlet {s.get('alpha', '?')}", fontsize=10)
+                     f"Dirichlet {s.get('alpha', '?')}"
+                     + (f", server momentum {s['server_momentum']}" if s.get("server_momentum") else ""), fontsize=10)
     acc_ax.grid(alpha=0.3)
     acc_ax.legend(fontsize=8)
     bytes_ax.set_xlabel("cumulative upload (GB)")

@@ -56,6 +56,10 @@ def main(argv=None) -> dict:
         "--xla_cpu_collective_timeout_seconds=3600",
     ])
 
+    from ringjax.runtime import reuse_freed_memory
+
+    reuse_freed_memory()  # as the `ringjax` command line does (see ringjax/runtime.py)
+
     import jax
     import numpy as np
 

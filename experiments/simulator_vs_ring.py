@@ -5,9 +5,10 @@ For each unfreeze depth, on N emulated CPU devices (`--xla_force_host_platform_d
 (a) every distinct action of the engine's schedule is compiled as a separate single-device jitted
     function doing what the engine's tick does for it, on one microbatch's shapes and the stage's
     real weights: "fwd" of stage d (attention bias, embedding on stage 0, the stage's frozen
-    blocks, its trainable suffix under `jax.vjp`, the residuals packed for the stash), "bwd" of
-    stage d (residuals unpacked, the pullback: adapter gradients and, where the stage below
-    trains, the input gradient) and "head" (final norm, head, loss and their gradients on the
+    blocks, its trainable suffix under `jax.vjp`, the residuals packed and written into a slot of
+    the stash, a donated buffer shaped like the engine's), "bwd" of stage d (the slot read back
+    and unpacked, the pullback: adapter gradients and, where the stage below trains, the input
+    gradient) and "head" (final norm, head, loss and their gradients on the
     microbatch's owner). Two more programs are per-step work outside the schedule's actions:
     "update", the optimizer update (`masked_apply`) every ring device runs on its replica after
     the step, and "alloc", faulting in the step's temporary buffer. XLA's CPU runtime allocates
@@ -107,6 +108,10 @@ def action_programs(pipe, trainable: dict, frozen: dict, host_batch: dict, devic
     staged_peft = jax.tree.map(np.asarray, pipe.stage_tree(trainable["peft"]["blocks"]))
     slab = lambda tree, d: jax.tree.map(lambda x: x[d * S:(d + 1) * S], tree)  # noqa: E731
     sizes = pipe._residual_layout(slab(staged_blocks, 0), slab(staged_peft, 0), (mb, seq))
+    slot = pipe.schedule.slots - 1  # the engine's stash: `slots` rows of each dtype's packed residuals
+
+    def empty_stash(device):
+        return jax.device_put({k: np.zeros((pipe.schedule.slots, n), k) for k, n in sizes.items()}, device)
     host = {
         "micro": {k: v[:mb] for k, v in host_batch.items()},
         "h": np.random.default_rng(1).normal(size=(mb, seq, cfg.hidden_size)).astype(np.float32),
@@ -125,27 +130,39 @@ def action_programs(pipe, trainable: dict, frozen: dict, host_batch: dict, devic
     for d, prog in enumerate(pipe.programs):
         weights = [jax.device_put((slab(staged_blocks, d), slab(staged_peft, d)), device) for device in devices]
 
-        def fwd(blocks, peft, embed_p, micro, h, prog=prog, first=d == 0):
+        def fwd(blocks, peft, embed_p, micro, h, stash, prog=prog, first=d == 0):
             bias = attention_bias(micro["attention_mask"], cfg.causal)
             if first:
                 h = embed_tokens(cfg, {"embed": embed_p}, micro)
             out, kept = pipe._stage_fwd(prog, blocks, peft, h, bias)
-            return (out, pipe._pack(kept, sizes)) if prog.trains else out
+            if not prog.trains:
+                return out, stash
+            packed = pipe._pack(kept, sizes)
+            return out, {k: jax.lax.dynamic_update_index_in_dim(stash[k], packed[k], slot, 0) for k in stash}
 
-        fwd = jax.jit(fwd)
-        programs[("fwd", d)] = [lambda fwd=fwd, w=w, i=i: fwd(*w, i["embed"], i["micro"], i["h"])
-                                for w, i in zip(weights, inputs)]
+        fwd = jax.jit(fwd, donate_argnums=5)
+        copies, stashes = [], []
+        for w, i, device in zip(weights, inputs, devices):
+            held = {"stash": empty_stash(device) if prog.trains else {}}
+
+            def run(fwd=fwd, w=w, i=i, held=held):
+                out, held["stash"] = fwd(*w, i["embed"], i["micro"], i["h"], held["stash"])
+                return out, held["stash"]
+
+            jax.block_until_ready(run())  # fills the slot the bwd copy reads (and records its residual plan)
+            copies.append(run)
+            stashes.append(held)
+        programs[("fwd", d)] = copies
         if prog.trains:
-            def bwd(blocks, peft, packed, mask, g, prog=prog):
+            def bwd(blocks, peft, stash, mask, g, prog=prog):
                 bias = attention_bias(mask, cfg.causal)
+                packed = {k: jax.lax.dynamic_index_in_dim(stash[k], slot, 0, keepdims=False) for k in stash}
                 return pipe._stage_bwd(prog, blocks, peft, pipe._unpack(prog, packed), bias, g)
 
             bwd = jax.jit(bwd)
-            copies = []
-            for w, i in zip(weights, inputs):
-                _, packed = fwd(*w, i["embed"], i["micro"], i["h"])  # also records the residual plan bwd unpacks
-                copies.append(lambda bwd=bwd, w=w, i=i, packed=packed: bwd(*w, packed, i["micro"]["attention_mask"], i["h"]))
-            programs[("bwd", d)] = copies
+            programs[("bwd", d)] = [
+                lambda bwd=bwd, w=w, i=i, held=held: bwd(*w, held["stash"], i["micro"]["attention_mask"], i["h"])
+                for w, i, held in zip(weights, inputs, stashes)]
     return programs
 
 

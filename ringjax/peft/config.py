@@ -39,9 +39,11 @@ class PeftConfig:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise RingjaxError(f"unknown PEFT kind {self.kind!r}; choose one of {KINDS}")
-        for name in ("reduction_factor", "lora_rank", "top_t", "side_reduction"):
+        for name in ("reduction_factor", "lora_rank", "side_reduction"):
             if getattr(self, name) < 1:
                 raise RingjaxError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.top_t < 0:  # 0: only the head trains (a federated client's smallest job)
+            raise RingjaxError(f"top_t must be at least 0, got {self.top_t}")
 
     @property
     def lora_scaling(self) -> float:
