@@ -64,3 +64,21 @@ def test_bf16_step_loss_and_gradients_follow_float32(method):
         assert b.dtype == jnp.float32
         scale = float(jnp.abs(a).max()) + 1e-12
         assert float(jnp.abs(a - b).max()) / scale < 0.05  # bf16 keeps ~3 significant digits per product
+
+
+@pytest.mark.parametrize("letters", ["btk", "kbt"])
+def test_bf16_tap_projection_and_its_gradients_follow_float32(letters):
+    from ringjax.peft.parallel import project_taps
+
+    shape = {"btk": (3, 5, 4, 16), "kbt": (4, 3, 5, 16)}[letters]
+    taps = jax.random.normal(jax.random.key(0), shape).astype(jnp.bfloat16)
+    kernel = 0.1 * jax.random.normal(jax.random.key(1), (4, 16, 8))
+    g = jax.random.normal(jax.random.key(2), (4, 3, 5, 8))
+    y, pullback = jax.vjp(lambda t, k: project_taps(letters, t, k), taps, kernel)
+    y32, pullback32 = jax.vjp(lambda t, k: project_taps(letters, t, k), taps.astype(jnp.float32), kernel)
+    assert y.dtype == jnp.float32 and y.shape == (4, 3, 5, 8)
+    np.testing.assert_allclose(y, y32, rtol=0.05, atol=0.02)
+    (d_taps, d_kernel), (d_taps32, d_kernel32) = pullback(g), pullback32(g)
+    assert d_taps.dtype == jnp.bfloat16 and d_kernel.dtype == jnp.float32
+    np.testing.assert_allclose(d_kernel, d_kernel32, rtol=0.05, atol=0.05)
+    np.testing.assert_allclose(np.asarray(d_taps, np.float32), d_taps32, rtol=0.05, atol=0.05)

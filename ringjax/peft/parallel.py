@@ -26,6 +26,8 @@ Configuration read from the `PeftConfig` (fields that a config lacks take these 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -111,6 +113,39 @@ def init_side_for(spec, key, hidden: int, num_layers: int) -> dict:
     )
 
 
+def project_taps(letters: str, taps, kernel):
+    """Every tap's projection, (K, B, T, w) float32, from taps laid out as `letters` + "h".
+
+    Taps stored narrower than float32 (a bf16 or fp16 activation cache) are multiplied in their
+    own dtype with float32 accumulation, forward and backward, instead of being copied to
+    float32 first: at PAC's cached-step shapes that copy and the float32 matmuls were the
+    largest single costs of the step.
+    """
+    if taps.dtype == jnp.float32:
+        return jnp.einsum(f"{letters}h,khw->kbtw", taps, kernel)
+    return _narrow_projection(letters, taps, kernel)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _narrow_projection(letters, taps, kernel):
+    return jnp.einsum(f"{letters}h,khw->kbtw", taps, kernel.astype(taps.dtype), preferred_element_type=jnp.float32)
+
+
+def _narrow_projection_fwd(letters, taps, kernel):
+    return _narrow_projection(letters, taps, kernel), (taps, kernel)
+
+
+def _narrow_projection_bwd(letters, saved, g):
+    taps, kernel = saved
+    g = g.astype(taps.dtype)
+    d_kernel = jnp.einsum(f"{letters}h,kbtw->khw", taps, g, preferred_element_type=jnp.float32)
+    d_taps = jnp.einsum(f"kbtw,khw->{letters}h", g, kernel.astype(taps.dtype), preferred_element_type=jnp.float32)
+    return d_taps.astype(taps.dtype), d_kernel.astype(kernel.dtype)
+
+
+_narrow_projection.defvjp(_narrow_projection_fwd, _narrow_projection_bwd)
+
+
 def side_output(spec, side, taps, h_final, attention_mask=None, causal: bool = False, tap_axis: int = 0):
     """h_final + side network(taps).
 
@@ -141,8 +176,8 @@ def side_output(spec, side, taps, h_final, attention_mask=None, causal: bool = F
         raise RingjaxError(f"tap_axis must be 0 (K, B, T, H) or 2 (B, T, K, H), got {tap_axis}")
     letters = "kbt" if tap_axis == 0 else "btk"
     first = jnp.take(taps, 0, axis=tap_axis).astype(jnp.float32)
-    rest = jax.lax.slice_in_dim(taps, 1, n_tapped + 1, axis=tap_axis).astype(jnp.float32)
-    projected = jnp.einsum(f"{letters}h,khw->kbtw", rest, blocks["tap"]["kernel"]) + blocks["tap"]["bias"][:, None, None]
+    rest = jax.lax.slice_in_dim(taps, 1, n_tapped + 1, axis=tap_axis)
+    projected = project_taps(letters, rest, blocks["tap"]["kernel"]) + blocks["tap"]["bias"][:, None, None]
     s = first @ side["in"]["kernel"] + side["in"]["bias"]
     per_layer = {k: v for k, v in blocks.items() if k != "tap"}
 
