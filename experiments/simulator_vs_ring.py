@@ -107,11 +107,12 @@ def action_programs(pipe, trainable: dict, frozen: dict, host_batch: dict, devic
     staged_blocks = jax.tree.map(np.asarray, pipe.stage_tree(frozen["blocks"]))
     staged_peft = jax.tree.map(np.asarray, pipe.stage_tree(trainable["peft"]["blocks"]))
     slab = lambda tree, d: jax.tree.map(lambda x: x[d * S:(d + 1) * S], tree)  # noqa: E731
-    sizes = pipe._residual_layout(slab(staged_blocks, 0), slab(staged_peft, 0), (mb, seq))
-    slot = pipe.schedule.slots - 1  # the engine's stash: `slots` rows of each dtype's packed residuals
+    stash = stash_shapes(pipe, trainable, frozen, mb, seq)
+    sizes = {k: shape[1] for k, shape in stash.items()}
+    slot = pipe.schedule.slots - 1
 
     def empty_stash(device):
-        return jax.device_put({k: np.zeros((pipe.schedule.slots, n), k) for k, n in sizes.items()}, device)
+        return jax.device_put({k: np.zeros(shape, k) for k, shape in stash.items()}, device)
     host = {
         "micro": {k: v[:mb] for k, v in host_batch.items()},
         "h": np.random.default_rng(1).normal(size=(mb, seq, cfg.hidden_size)).astype(np.float32),
@@ -199,12 +200,20 @@ def fresh_memory_program(nbytes: int):
     return run
 
 
-def carry_zeros_program(pipe, mb: int, seq: int, stage_blocks, stage_peft, device):
+def stash_shapes(pipe, trainable: dict, frozen: dict, mb: int, seq: int) -> dict:
+    """{dtype: (slots, n)}: the engine's per-device residual stash, `pipe.schedule.slots` rows of
+    each dtype's packed residuals of the largest training program (`RingPipeline._residual_layout`)."""
+    S = pipe.placement.max_size
+    first_stage = jax.tree.map(lambda x: x[:S], (pipe.stage_tree(frozen["blocks"]), pipe.stage_tree(trainable["peft"]["blocks"])))
+    sizes = pipe._residual_layout(*first_stage, (mb, seq))
+    return {k: (pipe.schedule.slots, n) for k, n in sizes.items()}
+
+
+def carry_zeros_program(pipe, stash: dict, mb: int, seq: int, device):
     """Zero-argument callable materialising zeros shaped like one device's scan carry (the
-    stash of `pipe.schedule.slots` residual slots and the (M + 1) activation and gradient
-    buffers): the fill the ring step pays at its start when its buffers come from the heap."""
-    sizes = pipe._residual_layout(stage_blocks, stage_peft, (mb, seq))
-    shapes = [((pipe.schedule.slots, n), k) for k, n in sizes.items()]
+    `stash_shapes` stash and the (M + 1) activation and gradient buffers): the fill the ring
+    step pays at its start when its buffers come from the heap."""
+    shapes = [(shape, k) for k, shape in stash.items()]
     shapes += [((pipe.M + 1, mb, seq, pipe.cfg.hidden_size), "float32")] * 2
     return jax.jit(lambda: [jnp.zeros(shape, dtype) for shape, dtype in shapes],
                    out_shardings=jax.sharding.SingleDeviceSharding(device))
@@ -298,12 +307,9 @@ def build_case(model, depth: int, devices: int, microbatches: int, host_batch: d
     if fresh_temp:
         programs[("alloc", EVERY)] = [fresh_memory_program(temp)] * devices
     else:
-        S, mb = pipe.placement.max_size, pipe.microbatch_size(host_batch["input_ids"].shape[0])
-        staged_blocks = pipe.stage_tree(frozen["blocks"])
-        staged_peft = pipe.stage_tree(trainable["peft"]["blocks"])
-        local = jax.tree.map(lambda x: x[:S], (staged_blocks, staged_peft))
-        programs[("alloc", EVERY)] = [carry_zeros_program(pipe, mb, host_batch["input_ids"].shape[1], *local, device)
-                                      for device in ring_devices]
+        mb, seq = pipe.microbatch_size(host_batch["input_ids"].shape[0]), host_batch["input_ids"].shape[1]
+        stash = stash_shapes(pipe, trainable, frozen, mb, seq)
+        programs[("alloc", EVERY)] = [carry_zeros_program(pipe, stash, mb, seq, device) for device in ring_devices]
     return Case(depth, pipe, compiled, state, placed, data, temp, programs, {}, [])
 
 

@@ -67,9 +67,7 @@ def main() -> None:
     for name, (method, dtype, reference) in VARIANTS.items():
         a = statistics.median(ours[name])
         row = {"ringjax_seconds": a, "compute_dtype": dtype, "mfu": statistics.median(mfu[name]), "rounds": args.rounds}
-        for precision in ("float32", "bf16-autocast"):
-            if dtype == "float32" and precision != "float32" or (reference, precision) not in peer:
-                continue
+        for precision in ("float32", "bf16-autocast") if dtype == "bfloat16" else ("float32",):
             b = statistics.median(peer[(reference, precision)])
             row[f"pytorch_{reference}_{precision}_seconds"] = b
             row[f"ratio_vs_pytorch_{precision}"] = a / b

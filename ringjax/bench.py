@@ -64,9 +64,7 @@ def single_device_step(model_name: str, method: str, batch: int, seq: int, unrol
     model = load_model(model_name, head=HeadConfig("classification", 2), peft=preset(method))
     params = model.tree()
     trainable, frozen = split(params, leaf_mask(params, model.peft_config))
-    if compute_dtype != "float32" and model.peft_config.kind not in ("adapter", "lora"):
-        raise RingjaxError(f"--compute-dtype {compute_dtype} narrows frozen kernels: adapter and LoRA methods only, not {method}")
-    frozen = cast_frozen_kernels(frozen, compute_dtype)
+    frozen = cast_frozen_kernels(frozen, compute_dtype, model.peft_config)
     optimizer = make_optimizer(OptimConfig(), 1000)
     state = init_state(optimizer, trainable)
     step = make_train_step(model.config, model.peft_config, model.head_config, optimizer, params, model.depth, unroll)

@@ -176,19 +176,3 @@ def test_cached_epoch_rebuilds_the_stream_batches(tmp_path):
             real = w["example_mask"] > 0
             np.testing.assert_array_equal(g["taps"][real], w["taps"][real])
 
-
-def test_prefetched_batches_keep_their_order_and_raise_the_producers_error():
-    from ringjax.methods.pac import _prefetched
-
-    assert list(_prefetched(iter(range(10)), lambda x: 2 * x)) == [2 * x for x in range(10)]
-
-    def bad(x):
-        if x == 3:
-            raise ValueError("row 3 is malformed")
-        return x
-
-    got = []
-    with pytest.raises(ValueError, match="row 3"):
-        for x in _prefetched(iter(range(10)), bad):
-            got.append(x)
-    assert got == [0, 1, 2]

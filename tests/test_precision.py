@@ -9,7 +9,7 @@ import ringjax
 from ringjax.models import assemble, random_backbone
 from ringjax.models.precision import cast_frozen_kernels
 from ringjax.peft import leaf_mask, preset, split
-from ringjax.peft.ops import frozen_matmul
+from ringjax.peft.ops import frozen_matmul, linear
 from ringjax.train.step import loss_fn
 
 CFG = ringjax.ModelConfig(arch="bert", vocab_size=50, hidden_size=32, num_layers=4, num_heads=4,
@@ -32,20 +32,26 @@ def test_frozen_matmul_multiplies_in_bf16_both_ways_and_gives_the_kernel_no_grad
     np.testing.assert_allclose(dx, exact_bf16(g, wb.T), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(y, x @ w, rtol=0.05, atol=0.05)  # and near the float32 product
     assert not np.asarray(dw, np.float32).any()
+    # the blocks' `linear` takes this path for a bf16 kernel
+    y_lin, pull_lin = jax.vjp(lambda x: linear(x, {"kernel": wb}), x)
+    np.testing.assert_array_equal(y_lin, y)
+    np.testing.assert_array_equal(pull_lin(g)[0], dx)
 
 
 def test_cast_touches_only_the_blocks_kernels_and_keeps_holes():
     spec = preset("houlsby", train_norms=True)
     params = assemble(CFG, random_backbone(CFG, jax.random.key(0)), HEAD, spec, jax.random.key(1))
     _, frozen = split(params, leaf_mask(params, spec))
-    cast = cast_frozen_kernels(frozen, "bfloat16")
+    cast = cast_frozen_kernels(frozen, "bfloat16", spec)
     assert cast["blocks"]["query"]["kernel"].dtype == jnp.bfloat16
     assert cast["blocks"]["query"]["bias"].dtype == jnp.float32
     assert cast["blocks"]["attn_norm"]["scale"] is None  # trainable here: a hole in the frozen tree
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(cast["embed"]))
-    assert cast_frozen_kernels(frozen, "float32") is frozen
+    assert cast_frozen_kernels(frozen, "float32", spec) is frozen
     with pytest.raises(ringjax.RingjaxError, match="unknown compute dtype"):
-        cast_frozen_kernels(frozen, "float8")
+        cast_frozen_kernels(frozen, "float8", spec)
+    with pytest.raises(ringjax.RingjaxError, match="adapter and LoRA methods only, not full"):
+        cast_frozen_kernels(frozen, "bfloat16", preset("full"))
 
 
 @pytest.mark.parametrize("method", ["houlsby", "lora"])
@@ -56,10 +62,11 @@ def test_bf16_step_loss_and_gradients_follow_float32(method):
     trainable, frozen = split(params, leaf_mask(params, spec))
     grad = jax.jit(jax.value_and_grad(lambda t, f: loss_fn(t, f, BATCH, cfg=CFG, spec=spec, head=HEAD, depth=CFG.num_layers)))
     loss32, g32 = grad(trainable, frozen)
-    loss16, g16 = grad(trainable, cast_frozen_kernels(frozen, "bfloat16"))
+    loss16, g16 = grad(trainable, cast_frozen_kernels(frozen, "bfloat16", spec))
     assert abs(float(loss16) - float(loss32)) < 1e-2 * abs(float(loss32))
     flat32, flat16 = jax.tree.leaves(g32["peft"]), jax.tree.leaves(g16["peft"])
     assert len(flat32) == len(flat16) > 0
+    assert any(not np.array_equal(a, b) for a, b in zip(flat32, flat16))  # the bf16 kernels were really used
     for a, b in zip(flat32, flat16):
         assert b.dtype == jnp.float32
         scale = float(jnp.abs(a).max()) + 1e-12
@@ -77,6 +84,9 @@ def test_bf16_tap_projection_and_its_gradients_follow_float32(letters):
     y, pullback = jax.vjp(lambda t, k: project_taps(letters, t, k), taps, kernel)
     y32, pullback32 = jax.vjp(lambda t, k: project_taps(letters, t, k), taps.astype(jnp.float32), kernel)
     assert y.dtype == jnp.float32 and y.shape == (4, 3, 5, 8)
+    # multiplied in bf16 (the kernel rounded to bf16), not through a float32 copy of the taps
+    exact = np.einsum(f"{letters}h,khw->kbtw", np.asarray(taps, np.float64), np.asarray(kernel.astype(jnp.bfloat16), np.float64))
+    np.testing.assert_allclose(y, exact, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(y, y32, rtol=0.05, atol=0.02)
     (d_taps, d_kernel), (d_taps32, d_kernel32) = pullback(g), pullback32(g)
     assert d_taps.dtype == jnp.bfloat16 and d_kernel.dtype == jnp.float32

@@ -90,9 +90,10 @@ def test_per_device_actions_reject_a_clash():
             add(schedule, "update")
 
 
-def test_measured_stage_times_give_a_finite_positive_prediction(tiny):
+@pytest.mark.parametrize("fresh_temp", [True, False])  # alloc: page faults of a fresh mapping, or the carry's zero-fill
+def test_measured_stage_times_give_a_finite_positive_prediction(tiny, fresh_temp):
     host = experiment.random_batch(4, 8, tiny.config.vocab_size)
-    case = experiment.build_case(tiny, 2, 2, 2, host)  # 2 stages of 2 blocks: the lower frozen, the upper training
+    case = experiment.build_case(tiny, 2, 2, 2, host, fresh_temp=fresh_temp)  # 2 stages of 2 blocks: the lower frozen, the upper training
     experiment.measure([case], repeats=1, inner=1)
     every = experiment.EVERY
     assert set(case.programs) == {("fwd", 0), ("fwd", 1), ("bwd", 1), ("head", every), ("update", every), ("alloc", every)}

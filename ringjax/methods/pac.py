@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
@@ -575,8 +573,8 @@ def train_pac(
                 train_cache = train_builder.finish()
                 train_builder = None
             else:
-                for side in _prefetched(cached_epoch(train_cache, train, stream, epoch), lambda b: _put(b, by_row)):
-                    state, loss = step_fn(state, final_dev, side)
+                for side in cached_epoch(train_cache, train, stream, epoch):
+                    state, loss = step_fn(state, final_dev, _put(side, by_row))
                     losses.append(loss)
                     _bound_in_flight(losses)
                     if on_step is not None:
@@ -633,33 +631,6 @@ def _default_metric(head: HeadConfig):
 
         return lambda p, y: {"pearson": pearson(p, y)}
     return lambda p, y: {"accuracy": float(np.mean(np.asarray(p) == np.asarray(y)))}
-
-
-def _prefetched(iterable: Iterator, fn: Callable, depth: int = 2) -> Iterator:
-    """fn(item) for each item, computed `depth` items ahead on a helper thread.
-
-    A cached epoch's host work (gathering taps from the cache, copying them to the devices and
-    waiting for the copies to land, see `_put`) then overlaps the steps the main thread
-    dispatches, instead of stalling the dispatch of the next step.
-    """
-    done = object()
-    slots: queue.Queue = queue.Queue(maxsize=depth)
-
-    def produce():
-        try:
-            for item in iterable:
-                slots.put(fn(item))
-        except BaseException as e:  # handed to the consumer, raised there
-            slots.put(e)
-        slots.put(done)
-
-    worker = threading.Thread(target=produce, daemon=True)
-    worker.start()
-    while (item := slots.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
-    worker.join()
 
 
 def _lookahead(iterable: Iterator, fn: Callable):

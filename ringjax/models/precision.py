@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from ringjax.errors import RingjaxError
+from ringjax.peft.config import PeftConfig
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -22,11 +23,16 @@ def check_compute_dtype(name: str) -> None:
         raise RingjaxError(f"unknown compute dtype {name!r}; choose one of {COMPUTE_DTYPES}")
 
 
-def cast_frozen_kernels(frozen: dict, dtype: str) -> dict:
-    """`frozen` with every projection kernel of the stacked blocks in `dtype` (other leaves as they are)."""
+def cast_frozen_kernels(frozen: dict, dtype: str, spec: PeftConfig) -> dict:
+    """`frozen` with every projection kernel of the stacked blocks in `dtype` (other leaves as they are).
+
+    Only adapter and LoRA methods keep every kernel frozen; full and top-t fine-tuning train them.
+    """
     check_compute_dtype(dtype)
-    if dtype == "float32" or "blocks" not in frozen or frozen["blocks"] is None:
+    if dtype == "float32":
         return frozen
+    if spec.kind not in ("adapter", "lora"):
+        raise RingjaxError(f"compute dtype {dtype} narrows frozen kernels: adapter and LoRA methods only, not {spec.kind}")
 
     def cast(path, leaf):
         is_kernel = getattr(path[-1], "key", None) == "kernel"

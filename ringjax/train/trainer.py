@@ -17,8 +17,8 @@ from ringjax.errors import RingjaxError
 from ringjax.fl.selection import METHODS as FL_METHODS
 from ringjax.models import HeadConfig, Model, load_model, load_tokenizer
 from ringjax.models.model import check_max_length
-from ringjax.parallel.mesh import is_primary
 from ringjax.models.precision import cast_frozen_kernels, check_compute_dtype
+from ringjax.parallel.mesh import is_primary
 from ringjax.peft import PeftConfig, leaf_mask, merge, preset, split
 from ringjax.peft.export import save_trainable
 from ringjax.peft.trainable import count, layer_mask
@@ -161,7 +161,7 @@ class SingleDevice:
         m = run.model
         params = m.tree()
         trainable, frozen = split(params, leaf_mask(params, m.peft_config))
-        self.frozen = cast_frozen_kernels(frozen, run.config.compute_dtype)
+        self.frozen = cast_frozen_kernels(frozen, run.config.compute_dtype, m.peft_config)
         self.state = init_state(optimizer, trainable)
         self._depth = m.depth
         self._step = make_train_step(m.config, m.peft_config, m.head_config, optimizer, params, self._depth)
