@@ -35,7 +35,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--microbatches", type=int, default=2,
                     help="epoch 1's ring pipeline microbatches (on 2 shared CPU cores fewer, larger ones win)")
     ap.add_argument("--max-length", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-3, help="PAC learning rate")
+    ap.add_argument("--lr", type=float, default=3e-3, help="PAC learning rate")
     ap.add_argument("--houlsby-lr", type=float, default=1e-3)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--cache-dir", default="/tmp/pac_cache")

@@ -33,6 +33,8 @@ def _glue(tmp_path, rows):
         (["--method", "houlsby", "--reduction-factor", "0"], "reduction_factor must be a positive integer"),
         (["--method", "full", "--compute-dtype", "bfloat16"], "--compute-dtype apply to the single-device adapter"),
         (["--method", "lora", "--compute-dtype", "float8"], "unknown compute dtype"),
+        (["--method", "houlsby", "--side-every", "2"], "--side-every sets PAC's side network"),
+        (["--method", "parallel", "--side-every", "0"], "side_every must be a positive integer"),
     ],
 )
 def test_bad_flags_give_one_line_errors(capsys, tmp_path, tiny_bert_dir, argv, needle):

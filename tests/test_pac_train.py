@@ -116,13 +116,17 @@ def test_data_parallel_step_over_four_devices_equals_single_device(setup):
 
 
 @pytest.mark.parametrize("sizes", [None, (2, 1, 1, 0)])
-def test_ring_forward_taps_equal_single_device(setup, sizes):
+@pytest.mark.parametrize("every", [1, 2])
+def test_ring_forward_taps_equal_single_device(setup, sizes, every):
     _, frozen, data = setup
+    spec = SPEC.replace(side_every=every)
     batch = pac.token_batch(data, np.arange(8), WIDTH, 8)
-    want = pac.make_taps_fn(CFG, SPEC, "float32")(frozen, batch)
-    ring = pac.RingForward(CFG, SPEC, frozen, jax.devices()[:4], microbatches=2, sizes=sizes)
+    want = pac.make_taps_fn(CFG, spec, "float32")(frozen, batch)
+    ring = pac.RingForward(CFG, spec, frozen, jax.devices()[:4], microbatches=2, sizes=sizes)
     got = ring(batch)
-    assert got.shape == (8, WIDTH, CFG.num_layers + 1, CFG.hidden_size)
+    stored = (0, 2, 4) if every == 2 else (0, 1, 2, 3, 4)  # the embedding output and the tapped blocks' outputs
+    assert pac.stored_taps(spec, CFG.num_layers) == stored
+    assert got.shape == (8, WIDTH, len(stored), CFG.hidden_size)
     assert float(jnp.abs(got - want).max()) < 1e-5
 
 
@@ -147,7 +151,8 @@ def test_train_pac_epochs_after_the_first_read_only_the_cache(tmp_path, tiny_ber
     assert s["epoch1_forward"].startswith("ring pipeline")
     # every train example (also the 36 % 8 left out of the epoch's batches) and every dev example is cached
     cfg = model.config
-    assert s["cache_tap_bytes"] == (train.offsets[-1] + dev.offsets[-1]) * (cfg.num_layers + 1) * cfg.hidden_size * 2
+    stored = len(pac.stored_taps(model.peft_config, cfg.num_layers))
+    assert s["cache_tap_bytes"] == (train.offsets[-1] + dev.offsets[-1]) * stored * cfg.hidden_size * 2
     # a rerun with the same key never touches the backbone, and trains identically
     again = run()
     assert again.summary["cache_hit"] and [e["source"] for e in again.summary["epochs"]] == ["cache", "cache"]

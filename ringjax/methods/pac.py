@@ -793,7 +793,7 @@ def bench_pac(
     n_devices: int = 4,
     epochs: int = 2,
     batch_size: int = 32,
-    lr: float = 1e-3,
+    lr: float = 3e-3,
     baseline_lr: dict | None = None,
     cache_dir=None,
     dtype="bfloat16",
@@ -821,7 +821,7 @@ def bench_pac(
     stream = BatchStream(train, batch_size, seed=seed, buckets=buckets)
     steps = stream.steps_per_epoch
     width = memory_width or train.max_length
-    baseline_lr = {"full": 5e-5, "houlsby": lr, **(baseline_lr or {})}
+    baseline_lr = {"full": 5e-5, "houlsby": 1e-3, **(baseline_lr or {})}
     out = {"n_devices": n_devices, "batch_size": batch_size, "train_examples": len(train),
            "dev_examples": 0 if dev is None else len(dev), "memory_tokens": [batch_size, width], "methods": {}}
 

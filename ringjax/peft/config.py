@@ -30,8 +30,15 @@ class PeftConfig:
     lora_targets: tuple[str, ...] = ()  # empty: the architecture's default (query, value for attention)
     # top-t layer fine-tuning
     top_t: int = 2
-    # parallel adapters (PAC's side network)
+    # parallel adapters (PAC's side network, `ringjax.peft.parallel`): width hidden // side_reduction;
+    # it reads the blocks in side_taps (1 = the first block's output), or, when empty, every
+    # side_every-th block counted down from the top (every 2nd: MiniLM's 2, 4, 6); side_heads 0
+    # means width // 16 attention heads; side_attention=False drops the token-mixing attention
     side_reduction: int = 8
+    side_taps: tuple[int, ...] = ()
+    side_every: int = 2
+    side_attention: bool = True
+    side_heads: int = 0
     # adapter and LoRA methods: also train the blocks' layer-norm scales and biases, as Houlsby et
     # al. (2019) do; a few thousand parameters that let the frozen blocks re-scale their features
     train_norms: bool = False
@@ -39,9 +46,11 @@ class PeftConfig:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise RingjaxError(f"unknown PEFT kind {self.kind!r}; choose one of {KINDS}")
-        for name in ("reduction_factor", "lora_rank", "side_reduction"):
+        for name in ("reduction_factor", "lora_rank", "side_reduction", "side_every"):
             if getattr(self, name) < 1:
                 raise RingjaxError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.side_heads < 0:
+            raise RingjaxError(f"side_heads must be 0 (width // 16) or positive, got {self.side_heads}")
         if self.top_t < 0:  # 0: only the head trains (a federated client's smallest job)
             raise RingjaxError(f"top_t must be at least 0, got {self.top_t}")
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from ringjax.errors import RingjaxError
 from ringjax.peft.config import PeftConfig
-from ringjax.peft.parallel import init_side
+from ringjax.peft.parallel import init_side_for
 
 
 def resolve_lora_targets(spec: PeftConfig, blocks: dict, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -52,6 +52,5 @@ def init_peft(spec: PeftConfig, blocks: dict, hidden: int, key, default_lora_tar
             }
         return {"blocks": {"lora": lora}}
     if spec.kind == "parallel":
-        width = max(1, hidden // spec.side_reduction)
-        return {"side": init_side(key, hidden, num_layers, width, spec.init_std)}
+        return {"side": init_side_for(spec, key, hidden, num_layers)}
     return {}

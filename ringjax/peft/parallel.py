@@ -17,9 +17,13 @@ Token mixing matters for CLS-pooled heads: without it the head would only ever s
 of token 0. Attention keys are masked with `attention_mask`, so padding positions (live
 backbone states, or zeros from a padding-free cache) never reach a real token.
 
-Configuration read from the `PeftConfig` (fields that a config lacks take these defaults):
+Configuration (`PeftConfig` fields):
 - `side_reduction` (8): width = hidden // side_reduction;
-- `side_taps` (()): block indices 1..L the side network reads; empty means every block;
+- `side_taps` (()): block indices 1..L the side network reads; empty means every `side_every`-th
+  block counted down from the top (`side_every` = 2: blocks 2, 4, 6 of a 6-block model). On
+  SST-2 with MiniLM every 2nd block trained to 86.2% dev accuracy in 3 epochs (lr 3e-3) against
+  84.1% for every block (lr 1e-3), with cached epochs 2.4x shorter and a smaller cache
+  (`experiments/pac_side_variants.py`);
 - `side_attention` (True): the token-mixing attention sub-layer;
 - `side_heads` (0): attention heads, 0 means max(1, width // 16) (width must divide by it).
 """
@@ -44,7 +48,7 @@ def side_width(spec, hidden: int) -> int:
 
 def tap_indices(spec, num_layers: int) -> tuple[int, ...]:
     """Which taps the side network reads: (0, l1, l2, ...) with 0 the embedding output."""
-    chosen = tuple(getattr(spec, "side_taps", ()) or range(1, num_layers + 1))
+    chosen = tuple(spec.side_taps) or tuple(range(num_layers, 0, -spec.side_every))[::-1]
     bad = [t for t in chosen if not 1 <= t <= num_layers]
     if bad or list(chosen) != sorted(set(chosen)):
         raise RingjaxError(
@@ -54,14 +58,14 @@ def tap_indices(spec, num_layers: int) -> tuple[int, ...]:
 
 
 def side_heads(spec, width: int) -> int:
-    heads = getattr(spec, "side_heads", 0) or max(1, width // 16)
+    heads = spec.side_heads or max(1, width // 16)
     if width % heads:
         raise RingjaxError(f"side network width {width} does not divide into {heads} heads; change side_heads")
     return heads
 
 
 def uses_attention(spec) -> bool:
-    return bool(getattr(spec, "side_attention", True))
+    return spec.side_attention
 
 
 def side_shapes(hidden: int, num_layers: int, width: int, attention: bool = True) -> dict:

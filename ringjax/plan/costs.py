@@ -197,16 +197,20 @@ def _side_ops(model, method, batch: int, seq_len: int, dtype_bytes: int) -> list
     """
     h, tokens = model.hidden_size, batch * seq_len
     w = max(1, h // method.side_reduction)
-    heads = max(1, w // 16)
+    heads = method.side_heads or max(1, w // 16)
     scores = batch * heads * seq_len**2
     act_fwd, act_bwd, act_kept = _ACTIVATIONS.get(getattr(method, "non_linearity", "relu"), _ACTIVATIONS["relu"])
     tap = _linear("side_tap", 0, tokens, h, w, True, True, dtype_bytes, "side_tap")
     core = 4.0 * batch * seq_len**2 * w
-    return [
+    fuse = [
         dataclasses.replace(tap, bwd_input_flops=0.0, input_bytes=0.0),  # the taps are stored anyway
         _linear("side_mix", 0, tokens, w, w, False, True, dtype_bytes, "side_state"),
         Op("side_act", 0, 0.0, 0.0, 0.0, 0, False, act_kept * tokens * w * dtype_bytes,
            fwd_elementwise=(act_fwd + 2) * tokens * w, bwd_elementwise=(act_bwd + 1) * tokens * w),
+    ]
+    if not method.side_attention:
+        return fuse
+    return fuse + [
         _norm("side_norm", 1, tokens, w, "bert", True, dtype_bytes),
         _linear("side_qkv", 2, tokens, w, 3 * w, False, True, dtype_bytes, "side_norm"),
         Op("side_core", 3, core, 2 * core, 0.0, 0, False, (3 * tokens * w + 2 * scores) * dtype_bytes,
@@ -249,7 +253,9 @@ def block_costs(model, method, batch: int, seq_len: int, trained: Iterable[int] 
     backbone = [_layer_ops(model, method, batch, seq_len, layer in trained, dtype_bytes) for layer in range(L)]
     chains = [(backbone, input_trains)]
     if method.kind == "parallel":
-        chains.append(([_side_ops(model, method, batch, seq_len, dtype_bytes) for _ in range(L)], False))
+        tapped = set(side_tapped_layers(model, method))
+        chains.append(([_side_ops(model, method, batch, seq_len, dtype_bytes) if layer in tapped else []
+                        for layer in range(L)], False))
     ew = 1.0 if elementwise else 0.0
     totals = [dict(fwd=0.0, bwd_in=0.0, bwd_w=0.0, params=0, trainable=0, saved=0.0) for _ in range(L)]
     for chain, below in chains:
@@ -333,12 +339,19 @@ def head_params(model, num_labels: int, kind: str = "classification") -> int:
     return h * num_labels
 
 
+def side_tapped_layers(model, method) -> tuple[int, ...]:
+    """0-based layers whose output PAC's side network reads (`ringjax.peft.parallel.tap_indices`)."""
+    from ringjax.peft.parallel import tap_indices
+
+    return tuple(t - 1 for t in tap_indices(method, model.num_layers)[1:])
+
+
 def side_network_params(model, method) -> int:
-    """PAC side network (every block tapped, with its attention): input, per-layer and output parts."""
-    h, L = model.hidden_size, model.num_layers
+    """PAC side network (with its attention): input, per-tapped-layer and output parts."""
+    h = model.hidden_size
     w = max(1, h // method.side_reduction)
-    per_layer = h * w + w + w * w + 2 * w + 4 * w * w
-    return h * w + w + L * per_layer + w * h + h
+    per_layer = h * w + w + w * w + (2 * w + 4 * w * w if method.side_attention else 0)
+    return h * w + w + len(side_tapped_layers(model, method)) * per_layer + w * h + h
 
 
 def step_costs(model, method, batch: int, seq_len: int, depth: int | None = None, *,

@@ -17,8 +17,8 @@ import yaml
 
 from ringjax.errors import RingjaxError
 
-DEFAULT_LR = {"full": 5e-5, "top-t": 1e-4, "lora": 5e-4, "houlsby": 1e-3, "pfeiffer": 1e-3, "parallel": 1e-3,
-              "ringada": 1e-3, "pac": 1e-3, "deft": 1e-3, "caff": 1e-4, "fedavg-full": 1e-4, "fedlora": 5e-4,
+DEFAULT_LR = {"full": 5e-5, "top-t": 1e-4, "lora": 5e-4, "houlsby": 1e-3, "pfeiffer": 1e-3, "parallel": 3e-3,
+              "ringada": 1e-3, "pac": 3e-3, "deft": 1e-3, "caff": 1e-4, "fedavg-full": 1e-4, "fedlora": 5e-4,
               "uniform-t": 1e-4}
 
 
@@ -34,6 +34,7 @@ class TrainConfig:
     train_norms: bool = False  # adapter / LoRA methods: the blocks' layer norms train too
     reduction_factor: int | None = None  # bottleneck adapters: hidden size / adapter width (None: the preset's 16)
     lora_rank: int | None = None  # None: the preset's 8 (alpha scales with it: alpha = 2 x rank)
+    side_every: int | None = None  # PAC / parallel: the side network reads every Nth block from the top (None: 2)
     compute_dtype: str = "float32"  # bfloat16: frozen backbone kernels stored and multiplied in bf16 (adapter / LoRA)
     pooling: str = "cls"  # encoder heads: "cls" (Hugging Face's pooler on [CLS]) or "mean" over real tokens
     # how long

@@ -68,6 +68,10 @@ def peft_for(config: TrainConfig) -> PeftConfig:
     if config.method in FEDERATED_METHODS:
         return preset(_FEDERATED_PEFT[config.method])
     name = config.method if config.method in SINGLE_DEVICE_METHODS else config.adapter
+    if config.side_every is not None:
+        if name != "parallel":
+            raise RingjaxError(f"--side-every sets PAC's side network (--method pac or parallel), not --method {config.method}; drop it")
+        return preset(name, side_every=config.side_every)
     if name == "top-t":
         return preset(name, top_t=config.top_t)
     overrides = {"train_norms": True} if config.train_norms else {}
