@@ -34,6 +34,8 @@ def _glue(tmp_path, rows):
         (["--method", "full", "--compute-dtype", "bfloat16"], "--compute-dtype apply to the single-device adapter"),
         (["--method", "lora", "--compute-dtype", "float8"], "unknown compute dtype"),
         (["--method", "houlsby", "--side-every", "2"], "--side-every sets PAC's side network"),
+        (["--method", "houlsby", "--lora-targets", "query"], "--lora-targets applies to --method lora"),
+        (["--method", "lora", "--lora-targets", "query,nope"], "nope"),
         (["--method", "parallel", "--side-every", "0"], "side_every must be a positive integer"),
     ],
 )

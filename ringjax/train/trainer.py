@@ -79,6 +79,10 @@ def peft_for(config: TrainConfig) -> PeftConfig:
         overrides["reduction_factor"] = config.reduction_factor
     if config.lora_rank is not None:
         overrides.update(lora_rank=config.lora_rank, lora_alpha=2.0 * config.lora_rank)
+    if config.lora_targets is not None:
+        if name != "lora":
+            raise RingjaxError(f"--lora-targets applies to --method lora, not --method {config.method}; drop it")
+        overrides["lora_targets"] = tuple(t.strip() for t in config.lora_targets.split(",") if t.strip())
     return preset(name, **overrides)
 
 
