@@ -47,13 +47,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     args = parser.parse_args()
-    ours = {name: [] for name in VARIANTS}
-    mfu = {name: [] for name in VARIANTS}
+    names = [name for name in args.variants.split(",") if name]
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    chosen = {name: VARIANTS[name] for name in names}
+    ours = {name: [] for name in chosen}
+    mfu = {name: [] for name in chosen}
     peer = {}  # (reference, "float32" | "bf16-autocast") -> seconds
     shape = [str(args.batch), str(args.seq)]
     for _ in range(args.rounds):
-        for name, (method, dtype, reference) in VARIANTS.items():
+        for name, (method, dtype, reference) in chosen.items():
             r = run_json([sys.executable, "-m", "ringjax.cli.main", "bench", "step", "--method", method,
                           "--compute-dtype", dtype, "--batch", shape[0], "--seq", shape[1], "--json"])
             ours[name].append(r["seconds_per_step"])
@@ -64,7 +70,7 @@ def main() -> None:
             for precision, cmd in peer_runs:
                 peer.setdefault((reference, precision), []).append(run_json(cmd)["seconds_per_step"])
     result = {}
-    for name, (method, dtype, reference) in VARIANTS.items():
+    for name, (method, dtype, reference) in chosen.items():
         a = statistics.median(ours[name])
         row = {"ringjax_seconds": a, "compute_dtype": dtype, "mfu": statistics.median(mfu[name]), "rounds": args.rounds}
         for precision in ("float32", "bf16-autocast") if dtype == "bfloat16" else ("float32",):

@@ -118,3 +118,14 @@ def test_lora_exports_in_the_hugging_face_peft_layout(tmp_path):
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and sorted(config["target_modules"]) == ["query", "value"]
     assert len(tensors) == 2 * 2 * CFG.num_layers
+
+
+def test_run_config_knobs_reach_the_peft_config():
+    """--lora-targets, --lora-rank and --side-every become the run's PeftConfig (what `prepare` and `eval` build)."""
+    from ringjax.train.config import TrainConfig
+    from ringjax.train.trainer import peft_for
+
+    lora = peft_for(TrainConfig(method="lora", lora_rank=4, lora_targets="query, ffn_in,ffn_out"))
+    assert (lora.lora_targets, lora.lora_rank, lora.lora_alpha) == (("query", "ffn_in", "ffn_out"), 4, 8.0)
+    assert peft_for(TrainConfig(method="pac", adapter="parallel", side_every=1)).side_every == 1
+    assert peft_for(TrainConfig(method="pac", adapter="parallel")).side_every == 2
