@@ -1,4 +1,4 @@
-"""Resuming after a hard kill continues exactly: same losses, bitwise-equal final parameters."""
+"""Resuming after a hard kill continues exactly: same losses, the same log, bitwise-equal final parameters."""
 
 import json
 import os
@@ -20,8 +20,17 @@ def _cmd(model_dir, out, *extra):
             "--out", str(out), "--no-progress", *extra]
 
 
+def _records(out):
+    return list(map(json.loads, Path(out, "metrics.jsonl").read_text().splitlines()))
+
+
 def _losses(out):
-    return [r["loss"] for r in map(json.loads, Path(out, "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    return [r["loss"] for r in _records(out) if "loss" in r]
+
+
+def _log_shape(out):
+    """(step, fields) of every metrics record: what a resume must reproduce, timings aside."""
+    return [(r["step"], sorted(r)) for r in _records(out)]
 
 
 def test_resume_after_sigkill_is_bitwise_identical(tiny_bert_dir, tmp_path):
@@ -45,3 +54,8 @@ def test_resume_after_sigkill_is_bitwise_identical(tiny_bert_dir, tmp_path):
     a, b = load_file(str(whole / "trainable.safetensors")), load_file(str(killed / "trainable.safetensors"))
     assert a.keys() == b.keys()
     assert all((a[k] == b[k]).all() for k in a)
+    assert _log_shape(killed) == _log_shape(whole)
+    # resuming a finished run evaluates again and keeps one final record
+    subprocess.run(_cmd(tiny_bert_dir, killed, "--resume"), check=True, env=env, capture_output=True)
+    assert _log_shape(killed) == _log_shape(whole)
+    assert [r for r in _records(killed) if "dev" in r] == [r for r in _records(whole) if "dev" in r]

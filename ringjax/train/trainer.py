@@ -131,17 +131,22 @@ def evaluate(run: Run, params, eval_step=None, batch_size: int = 64) -> dict:
 
 
 class MetricsLog:
-    """JSON lines in OUT/metrics.jsonl; on resume, records past the checkpoint are dropped.
+    """JSON lines in OUT/metrics.jsonl; on resume, records past the checkpoint are dropped, and so
+    is the final evaluation (step `final_step`), which the resumed run writes again.
     Disabled (writes nothing) outside process 0 of a multi-process run."""
 
-    def __init__(self, path: Path, resume_step: int | None = None, enabled: bool = True):
+    def __init__(self, path: Path, resume_step: int | None = None, enabled: bool = True, final_step: int | None = None):
         self.path, self.enabled = path, enabled
         if not enabled:
             return
         if resume_step is None:
             path.write_text("")
         elif path.exists():
-            keep = [l for l in path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
+            def kept(record):
+                step = record.get("step", 0)
+                return step <= resume_step and not (step == final_step and "dev" in record)
+
+            keep = [l for l in path.read_text().splitlines() if l and kept(json.loads(l))]
             path.write_text("".join(l + "\n" for l in keep))
 
     def write(self, record: dict) -> None:
@@ -204,7 +209,7 @@ def fit(run: Run, trainer, total: int, extra_summary: dict | None = None) -> dic
         trainer.load_state_dict({**record.get("extra", {}), "train_state": restored})
         start = record["data_position"]
     primary = is_primary()  # every process trains and checkpoints (orbax saves collectively); process 0 writes logs
-    log = MetricsLog(run.out / "metrics.jsonl", start if c.resume else None, enabled=primary)
+    log = MetricsLog(run.out / "metrics.jsonl", start if c.resume else None, enabled=primary, final_step=total)
     eval_step = make_eval_step(m.config, m.peft_config, m.head_config)
 
     def save(step):
