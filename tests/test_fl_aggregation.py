@@ -71,3 +71,12 @@ def test_server_momentum_accumulates_round_changes_by_hand():
     np.testing.assert_allclose(v["w"], [1.4, -1.0])
     np.testing.assert_allclose(second["w"], [3.4, 1.0])
     np.testing.assert_array_equal(second["frozen"], [5.0])  # nobody moved it: no change, no momentum
+
+
+def test_server_lr_moves_the_server_part_of_the_way_by_hand():
+    old = {"w": jnp.array([1.0, 2.0])}
+    first, v = server_momentum(old, {"w": jnp.array([3.0, 0.0])}, None, 0.0, lr=0.5)
+    np.testing.assert_allclose(first["w"], [2.0, 1.0])  # half of the averaged change [2, -2]
+    second, _ = server_momentum(first, {"w": jnp.array([2.0, 3.0])}, v, 0.5, lr=0.5)
+    # v = 0.5 * [2, -2] + [0, 2] = [1, 1]; server = [2, 1] + 0.5 v
+    np.testing.assert_allclose(second["w"], [2.5, 1.5])

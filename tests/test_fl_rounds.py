@@ -164,6 +164,8 @@ def test_errors(params):
         FLConfig(num_clients=3, per_round=5)
     with pytest.raises(RingjaxError, match="server momentum must be in"):
         FLConfig(server_momentum=1.0)
+    with pytest.raises(RingjaxError, match="server lr must be in"):
+        FLConfig(server_lr=0.0)
     budgets = ClientBudgets.from_list([Budget(1, 1, 1)] * 2)
     with pytest.raises(RingjaxError, match="no client's budgets"):
         run_federated("caff", CFG, HEAD, params, synthetic(20), budgets, FLConfig(num_clients=2, per_round=1, rounds=1, verify_memory=False), log=None)

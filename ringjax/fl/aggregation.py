@@ -70,17 +70,18 @@ class Aggregator:
         return out
 
 
-def server_momentum(old: dict, new: dict, velocity: dict | None, beta: float) -> tuple[dict, dict]:
+def server_momentum(old: dict, new: dict, velocity: dict | None, beta: float, lr: float = 1.0) -> tuple[dict, dict]:
     """FedAvgM (Hsu et al., 2019): the round's change `new - old` is a pseudo-gradient the server
-    accumulates with momentum, v <- beta v + (new - old), and moves by, server <- old + v.
+    accumulates with momentum, v <- beta v + (new - old), and moves by, server <- old + lr v.
 
     Under label skew each round's ten clients pull the head toward their own labels; the running
-    sum averages those pulls over rounds. A block no client trained has a zero change, so only its
-    past momentum moves it. beta = 0 is plain averaging. Returns (server, velocity).
+    sum averages those pulls over rounds, and a server lr below 1 damps each round's pull. A block
+    no client trained has a zero change, so only its past momentum moves it. beta = 0 with lr = 1
+    is plain averaging. Returns (server, velocity).
     """
     delta = jax.tree.map(jnp.subtract, new, old)
     velocity = delta if velocity is None else jax.tree.map(lambda v, d: beta * v + d, velocity, delta)
-    return jax.tree.map(jnp.add, old, velocity), velocity
+    return jax.tree.map(lambda o, v: o + lr * v, old, velocity), velocity
 
 
 def layerwise_average(server: dict, num_layers: int, updates: list[tuple[LocalJob, dict, float]]) -> dict:

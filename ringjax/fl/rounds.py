@@ -69,6 +69,7 @@ class FLConfig:
     weight_decay: float = 0.0
     clip_norm: float | None = 1.0
     server_momentum: float = 0.0  # FedAvgM's beta: 0 is plain averaging
+    server_lr: float = 1.0  # the server moves by server_lr x the (momentum of the) round's change
     client_chunk: int = 8  # clients per compiled group call (a multiple of the mesh size)
     eval_every: int = 1
     eval_batch_size: int = 128
@@ -80,6 +81,8 @@ class FLConfig:
             raise RingjaxError("clients, per-round, local steps and batch size must be positive (rounds >= 0)")
         if not 0.0 <= self.server_momentum < 1.0:
             raise RingjaxError(f"server momentum must be in [0, 1), got {self.server_momentum}")
+        if not 0.0 < self.server_lr <= 1.0:
+            raise RingjaxError(f"server lr must be in (0, 1], got {self.server_lr}")
         if self.per_round > self.num_clients:
             raise RingjaxError(f"cannot sample {self.per_round} clients per round from {self.num_clients}; lower --per-round")
         if self.max_length not in self.buckets:
@@ -282,8 +285,8 @@ def run_federated(
         start = time.perf_counter()
         chosen = sample_clients(eligible, config.per_round, config.seed, r)
         averaged, losses = run_round(server, chosen, plan, runner, train, parts, config, r)
-        if config.server_momentum:
-            server, velocity = server_momentum(server, averaged, velocity, config.server_momentum)
+        if config.server_momentum or config.server_lr != 1.0:
+            server, velocity = server_momentum(server, averaged, velocity, config.server_momentum, config.server_lr)
         else:
             server = averaged
         jax.block_until_ready(server)

@@ -74,6 +74,7 @@ class TrainConfig:
     local_steps: int = 5
     alpha: float | None = 0.5  # Dirichlet label skew of the client split; 0: IID
     server_momentum: float = 0.0  # federated: FedAvgM's server momentum (0: plain averaging)
+    server_lr: float = 1.0  # federated: the server's step along each round's averaged change (1: plain averaging)
     candidates: str | None = None  # CAFF: block counts of top-k model variants to choose among, e.g. 6,3
 
     @property
