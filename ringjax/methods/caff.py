@@ -184,7 +184,8 @@ def train_federated(c) -> dict:
         num_clients=c.clients, per_round=c.per_round, rounds=c.rounds, local_steps=c.local_steps,
         batch_size=c.batch_size, max_length=c.max_length, alpha=c.alpha if c.alpha else None, seed=c.seed,
         lr=c.learning_rate, lora_lr=c.learning_rate, weight_decay=c.weight_decay,
-        client_chunk=c.devices * -(-8 // c.devices), eval_every=c.eval_every or 1, server_momentum=c.server_momentum, server_lr=c.server_lr,
+        client_chunk=c.devices * -(-8 // c.devices), eval_every=c.eval_every or 1,
+        server_momentum=c.server_momentum, server_lr=c.server_lr,
     )
     budgets = load_fleet(c.fleet).assign(fl.num_clients, fl.seed)
 

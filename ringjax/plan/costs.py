@@ -347,11 +347,14 @@ def side_tapped_layers(model, method) -> tuple[int, ...]:
 
 
 def side_network_params(model, method) -> int:
-    """PAC side network (with its attention): input, per-tapped-layer and output parts."""
+    """PAC side network's parameters: the sizes of the shapes `ringjax.peft.parallel` builds."""
+    import jax
+
+    from ringjax.peft.parallel import side_shapes, side_width
+
     h = model.hidden_size
-    w = max(1, h // method.side_reduction)
-    per_layer = h * w + w + w * w + (2 * w + 4 * w * w if method.side_attention else 0)
-    return h * w + w + len(side_tapped_layers(model, method)) * per_layer + w * h + h
+    shapes = side_shapes(h, len(side_tapped_layers(model, method)), side_width(method, h), method.side_attention)
+    return sum(math.prod(shape) for shape in jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple)))
 
 
 def step_costs(model, method, batch: int, seq_len: int, depth: int | None = None, *,
