@@ -10,10 +10,11 @@ from ringjax.data.partition import partition
 from ringjax.errors import RingjaxError
 from ringjax.fl import (Budget, ClientBudgets, CostModel, FLConfig, FLModel, GroupRunner, LocalJob, chunk_sizes, local_optimizer,
                         make_local_round, plan_clients, run_federated, server_momentum, split_params, tree_bytes)
-from ringjax.fl.clients import client_logits, gather
+from ringjax.fl.clients import client_example_rows, client_logits, client_loss, gather, label_log_prior
 from ringjax.fl.rounds import run_round
 from ringjax.methods.caff import slice_top_blocks, train_caff
 from ringjax.models.backbone import forward
+from ringjax.models.heads import HeadConfig, example_losses
 from ringjax.peft import PeftConfig
 
 MODEL = FLModel(CFG, HEAD)
@@ -159,6 +160,51 @@ def test_server_momentum_run_equals_rounds_composed_by_hand(params):
     assert any(moved)  # round 1's change, carried by momentum, moved the server past round 2's plain average
 
 
+def test_logit_adjustment_by_the_client_prior(params):
+    """A label-skewed client trains on logits + tau log(prior): the loss is the shifted cross-entropy,
+    and its one-label data pull the shared head's bias less than with the plain loss."""
+    np.testing.assert_allclose(label_log_prior(np.array([0, 0, 0, 1]), 2), np.log([4 / 6, 2 / 6]), rtol=1e-6)
+    np.testing.assert_allclose(label_log_prior(np.array([1, 1]), 3), np.log([1 / 5, 3 / 5, 1 / 5]), rtol=1e-6)
+
+    job = LocalJob("top-t", 1)
+    trainable, frozen = split_params(params, job, CFG.num_layers)
+    batch = gather(synthetic(8), np.arange(8), T)
+    offset = np.tile(np.array([[-2.0, 0.5]], np.float32), (8, 1))
+    logits = client_logits(MODEL, job, trainable, frozen, batch)
+    hand = example_losses(HEAD, logits + offset, batch["labels"]).mean()
+    np.testing.assert_allclose(float(client_loss(MODEL, job, trainable, frozen, {**batch, "logit_offset": offset})), float(hand), rtol=1e-6)
+
+    # a client whose labels are 80% label 1: the plain loss pushes the head's bias towards label 1;
+    # with its prior added, the model that predicts the global (balanced) prior gets no push
+    skewed = {**batch, "labels": np.array([1, 1, 1, 1, 0, 1, 1, 0], np.int32)}
+    flat = {**trainable, "head": {**trainable["head"], "classifier": {**trainable["head"]["classifier"],
+                                                                   "kernel": np.zeros_like(trainable["head"]["classifier"]["kernel"])}}}
+    prior = np.log(np.array([0.25, 0.75], np.float32))
+    grad = lambda b: jax.grad(client_loss, argnums=2)(MODEL, job, flat, frozen, b)["head"]["classifier"]["bias"]  # noqa: E731
+    plain = np.asarray(grad(skewed))
+    adjusted = np.asarray(grad({**skewed, "logit_offset": np.tile(prior, (8, 1))}))
+    np.testing.assert_allclose(plain, [0.25, -0.25], atol=1e-6)  # mean(softmax - onehot) at equal logits
+    np.testing.assert_allclose(adjusted, [0.0, 0.0], atol=1e-6)
+
+    # the federated loop hands each client tau x its own prior: a round equals the client's local
+    # round composed by hand with those offsets
+    data = synthetic(120, seed=6)
+    parts = [np.flatnonzero(data.labels == 1)[:30], np.arange(60, 120)]
+    cfg = FLConfig(num_clients=2, per_round=1, rounds=1, local_steps=E, batch_size=B, max_length=T, buckets=(T,), lr=1e-2,
+                   logit_adjust=0.5, verify_memory=False, compiler_options=FAST_CFG)
+    run = run_federated("uniform-t", CFG, HEAD, params, data, fleet(("weak",)).assign(2), cfg, log=None, partitions=parts)
+    (client,) = run.rounds[0].clients
+    top1 = LocalJob("top-t", 1)
+    trainable, frozen = split_params(params, top1, CFG.num_layers)
+    rows = parts[client][client_example_rows(np.array([30, 60]), client, E, B, np.random.default_rng((0, 1, client)))]
+    local = gather(data, rows, T)
+    local["logit_offset"] = np.broadcast_to(0.5 * label_log_prior(data.labels[parts[client]], 2), (E, B, 2)).astype(np.float32)
+    trained, _ = jax.jit(make_local_round(MODEL, top1, local_optimizer(1e-2))).lower(trainable, frozen, local).compile(FAST)(
+        trainable, frozen, local)
+    for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(split_params(run.params, top1, CFG.num_layers)[0])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
 def test_errors(params):
     with pytest.raises(RingjaxError, match="cannot sample 5 clients per round from 3"):
         FLConfig(num_clients=3, per_round=5)
@@ -166,6 +212,11 @@ def test_errors(params):
         FLConfig(server_momentum=1.0)
     with pytest.raises(RingjaxError, match="server lr must be in"):
         FLConfig(server_lr=0.0)
+    with pytest.raises(RingjaxError, match="logit adjustment must be >= 0"):
+        FLConfig(logit_adjust=-1.0)
+    with pytest.raises(RingjaxError, match="calibrates a classifier's logits"):
+        run_federated("caff", CFG, HeadConfig("regression"), params, synthetic(20), fleet().assign(2),
+                      FLConfig(num_clients=2, per_round=1, rounds=1, logit_adjust=1.0, verify_memory=False), log=None)
     budgets = ClientBudgets.from_list([Budget(1, 1, 1)] * 2)
     with pytest.raises(RingjaxError, match="no client's budgets"):
         run_federated("caff", CFG, HEAD, params, synthetic(20), budgets, FLConfig(num_clients=2, per_round=1, rounds=1, verify_memory=False), log=None)

@@ -150,7 +150,12 @@ def client_logits(model: FLModel, job: LocalJob, trainable: dict, frozen: dict, 
 
 
 def client_loss(model: FLModel, job: LocalJob, trainable, frozen, batch, unroll: bool = False):
-    losses = example_losses(model.head, client_logits(model, job, trainable, frozen, batch, unroll), batch["labels"])
+    """Mean local loss; a batch's `logit_offset` (B, labels), when present, is added to the logits
+    before the loss (logit adjustment by the client's label prior, see `label_log_prior`)."""
+    logits = client_logits(model, job, trainable, frozen, batch, unroll)
+    if "logit_offset" in batch:
+        logits = logits + batch["logit_offset"]
+    losses = example_losses(model.head, logits, batch["labels"])
     w = batch.get("example_mask")
     return losses.mean() if w is None else (losses * w).sum() / jnp.maximum(w.sum(), 1.0)
 
@@ -201,31 +206,38 @@ def peak_bytes(stats) -> int:
     return int(stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
 
 
-def example_batch(batch_size: int, seq_len: int, labels_dtype=jnp.int32) -> dict:
+def example_batch(batch_size: int, seq_len: int, labels_dtype=jnp.int32, offset_labels: int = 0) -> dict:
+    """Shapes of one local batch; `offset_labels` > 0 adds a (B, labels) `logit_offset`."""
     shape = (batch_size, seq_len)
-    return {
+    batch = {
         "input_ids": jax.ShapeDtypeStruct(shape, jnp.int32),
         "attention_mask": jax.ShapeDtypeStruct(shape, jnp.int32),
         "token_type_ids": jax.ShapeDtypeStruct(shape, jnp.int32),
         "labels": jax.ShapeDtypeStruct((batch_size,), labels_dtype),
     }
+    if offset_labels:
+        batch["logit_offset"] = jax.ShapeDtypeStruct((batch_size, offset_labels), jnp.float32)
+    return batch
 
 
 def compile_local_step(model: FLModel, job: LocalJob, optimizer, params: dict, batch_size: int, seq_len: int, unroll: bool = False,
-                       compiler_options: dict | None = None):
-    """AOT-compile one client's local step (one client, not vmapped), state donated as on a device."""
+                       compiler_options: dict | None = None, offset_labels: int = 0):
+    """AOT-compile one client's local step (one client, not vmapped), state donated as on a device;
+    `offset_labels` > 0: its batches carry a logit offset (`label_log_prior`)."""
     shapes = jax.eval_shape(lambda p: p, params)
     trainable, frozen = split_params(shapes, job, model.num_layers)
     opt_state = jax.eval_shape(optimizer.init, trainable)
     labels = jnp.float32 if model.head.kind == "regression" else jnp.int32
     step = make_local_step(model, job, optimizer, unroll)
-    lowered = jax.jit(step, donate_argnums=0).lower((trainable, opt_state), frozen, example_batch(batch_size, seq_len, labels))
+    lowered = jax.jit(step, donate_argnums=0).lower((trainable, opt_state), frozen, example_batch(batch_size, seq_len, labels, offset_labels))
     return lowered.compile(compiler_options) if compiler_options else lowered.compile()
 
 
-def measured_peak_bytes(model: FLModel, job: LocalJob, optimizer, params: dict, batch_size: int, seq_len: int) -> int:
+def measured_peak_bytes(model: FLModel, job: LocalJob, optimizer, params: dict, batch_size: int, seq_len: int,
+                        offset_labels: int = 0) -> int:
     """A client's real peak bytes: XLA's memory analysis of its compiled local step."""
-    return peak_bytes(compile_local_step(model, job, optimizer, params, batch_size, seq_len).memory_analysis())
+    compiled = compile_local_step(model, job, optimizer, params, batch_size, seq_len, offset_labels=offset_labels)
+    return peak_bytes(compiled.memory_analysis())
 
 
 # ----------------------------------------------------------------------------- data
@@ -237,6 +249,17 @@ def client_example_rows(sizes: np.ndarray, client: int, steps: int, batch_size: 
     need = steps * batch_size
     rows = rng.permutation(n)[:need] if n >= need else rng.integers(0, n, need)
     return rows.reshape(steps, batch_size)
+
+
+def label_log_prior(labels: np.ndarray, num_labels: int) -> np.ndarray:
+    """log of a client's label distribution, add-one smoothed: (num_labels,) float32.
+
+    Training on logits + tau * log prior (balanced softmax; FedLC's logit calibration) keeps a
+    label-skewed client from pulling the shared head towards its own majority label: its prior
+    already explains the skew. Evaluation uses the plain logits.
+    """
+    counts = np.bincount(np.asarray(labels, np.int64), minlength=num_labels)[:num_labels].astype(np.float64)
+    return np.log((counts + 1.0) / (counts.sum() + num_labels)).astype(np.float32)
 
 
 def bucket_for(length: int, buckets: tuple[int, ...]) -> int:

@@ -39,6 +39,7 @@ from ringjax.fl.clients import (
     chunk_sizes,
     client_example_rows,
     gather,
+    label_log_prior,
     local_optimizer,
     measured_peak_bytes,
     split_params,
@@ -70,6 +71,9 @@ class FLConfig:
     clip_norm: float | None = 1.0
     server_momentum: float = 0.0  # FedAvgM's beta: 0 is plain averaging
     server_lr: float = 1.0  # the server moves by server_lr x the (momentum of the) round's change
+    # classification: clients train on logits + logit_adjust x log(their label prior) (balanced
+    # softmax / FedLC calibration against label skew, `clients.label_log_prior`); 0: plain loss
+    logit_adjust: float = 0.0
     client_chunk: int = 8  # clients per compiled group call (a multiple of the mesh size)
     eval_every: int = 1
     eval_batch_size: int = 128
@@ -83,6 +87,8 @@ class FLConfig:
             raise RingjaxError(f"server momentum must be in [0, 1), got {self.server_momentum}")
         if not 0.0 < self.server_lr <= 1.0:
             raise RingjaxError(f"server lr must be in (0, 1], got {self.server_lr}")
+        if self.logit_adjust < 0.0:
+            raise RingjaxError(f"logit adjustment must be >= 0 (0: plain cross-entropy), got {self.logit_adjust}")
         if self.per_round > self.num_clients:
             raise RingjaxError(f"cannot sample {self.per_round} clients per round from {self.num_clients}; lower --per-round")
         if self.max_length not in self.buckets:
@@ -192,6 +198,7 @@ def run_round(
     """
     L = plan.num_layers
     sizes = np.array([len(p) for p in parts])
+    num_labels = runner.model.head.num_labels
     groups: dict[LocalJob, list[int]] = defaultdict(list)
     for c in chosen:
         groups[plan.jobs[c]].append(int(c))
@@ -213,7 +220,13 @@ def run_round(
             seq = bucket_for(int(min(train.lengths[rows].max(), config.max_length)), config.buckets)
             weights = np.zeros(size, np.float32)
             weights[: len(members)] = sizes[members]
-            sums, total, group_losses = runner.run(job, trainable, frozen, gather(train, rows, seq), weights)
+            batches = gather(train, rows, seq)
+            if config.logit_adjust:
+                priors = [label_log_prior(train.labels[parts[c]], num_labels) for c in members]
+                priors += [priors[0]] * (size - len(members))
+                offsets = config.logit_adjust * np.stack(priors)[:, None, None, :]
+                batches["logit_offset"] = np.broadcast_to(offsets, (*rows.shape, num_labels)).astype(np.float32)
+            sums, total, group_losses = runner.run(job, trainable, frozen, batches, weights)
             agg.add(job, sums, total)
             losses.extend(np.asarray(group_losses)[: len(members)].tolist())
     return agg.result(), losses
@@ -249,6 +262,8 @@ def run_federated(
     if len(budgets) != config.num_clients:
         raise RingjaxError(f"{len(budgets)} client budgets for {config.num_clients} clients")
     say = log or (lambda _: None)
+    if config.logit_adjust and head.kind != "classification":
+        raise RingjaxError(f"--logit-adjust calibrates a classifier's logits; this task's head is {head.kind!r}: drop --logit-adjust")
     model = FLModel(cfg, head)
     L = cfg.num_layers
     if method == "fedlora":
@@ -263,7 +278,8 @@ def run_federated(
     measured: dict[LocalJob, int] = {}
     if config.verify_memory:
         plan, measured = verify_memory(
-            plan, budgets, lambda job: measured_peak_bytes(model, job, optimizers[job.kind], params, config.batch_size, config.max_length)
+            plan, budgets, lambda job: measured_peak_bytes(model, job, optimizers[job.kind], params, config.batch_size, config.max_length,
+                                                     head.num_labels if config.logit_adjust else 0)
         )
     eligible = plan.eligible
     say(f"[{method}] {plan.summary()}")
