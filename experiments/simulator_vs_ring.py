@@ -5,10 +5,11 @@ For each unfreeze depth, on N emulated CPU devices (`--xla_force_host_platform_d
 (a) every distinct action of the engine's schedule is compiled as a separate single-device jitted
     function doing what the engine's tick does for it, on one microbatch's shapes and the stage's
     real weights: "fwd" of stage d (attention bias, embedding on stage 0, the stage's frozen
-    blocks, its trainable suffix under `jax.vjp`, the residuals packed and written into a slot of
-    the stash, a donated buffer shaped like the engine's), "bwd" of stage d (the slot read back
-    and unpacked, the pullback: adapter gradients and, where the stage below trains, the input
-    gradient) and "head" (final norm, head, loss and their gradients on the
+    blocks, its trainable suffix under `jax.vjp`, the residuals packed and written into the next
+    slot of the stash, a donated buffer shaped like the engine's), "bwd" of stage d (the oldest
+    slot read back, written a stash's worth of forwards earlier as in the engine, so its residuals
+    come from memory rather than cache; unpacked, the pullback: adapter gradients and, where the
+    stage below trains, the input gradient) and "head" (final norm, head, loss and their gradients on the
     microbatch's owner). Two more programs are per-step work outside the schedule's actions:
     "update", the optimizer update (`masked_apply`) every ring device runs on its replica after
     the step, and "alloc", faulting in the step's temporary buffer. XLA's CPU runtime allocates
@@ -109,7 +110,7 @@ def action_programs(pipe, trainable: dict, frozen: dict, host_batch: dict, devic
     slab = lambda tree, d: jax.tree.map(lambda x: x[d * S:(d + 1) * S], tree)  # noqa: E731
     stash = stash_shapes(pipe, trainable, frozen, mb, seq)
     sizes = {k: shape[1] for k, shape in stash.items()}
-    slot = pipe.schedule.slots - 1
+    slots = pipe.schedule.slots
 
     def empty_stash(device):
         return jax.device_put({k: np.zeros(shape, k) for k, shape in stash.items()}, device)
@@ -131,7 +132,7 @@ def action_programs(pipe, trainable: dict, frozen: dict, host_batch: dict, devic
     for d, prog in enumerate(pipe.programs):
         weights = [jax.device_put((slab(staged_blocks, d), slab(staged_peft, d)), device) for device in devices]
 
-        def fwd(blocks, peft, embed_p, micro, h, stash, prog=prog, first=d == 0):
+        def fwd(blocks, peft, embed_p, micro, h, stash, slot, prog=prog, first=d == 0):
             bias = attention_bias(micro["attention_mask"], cfg.causal)
             if first:
                 h = embed_tokens(cfg, {"embed": embed_p}, micro)
@@ -144,25 +145,29 @@ def action_programs(pipe, trainable: dict, frozen: dict, host_batch: dict, devic
         fwd = jax.jit(fwd, donate_argnums=5)
         copies, stashes = [], []
         for w, i, device in zip(weights, inputs, devices):
-            held = {"stash": empty_stash(device) if prog.trains else {}}
+            # as in the engine, a forward writes the next slot and a backward reads the oldest one,
+            # written `slots` forwards earlier (its residuals are no longer in the caches)
+            held = {"stash": empty_stash(device) if prog.trains else {}, "slot": 0}
 
             def run(fwd=fwd, w=w, i=i, held=held):
-                out, held["stash"] = fwd(*w, i["embed"], i["micro"], i["h"], held["stash"])
+                out, held["stash"] = fwd(*w, i["embed"], i["micro"], i["h"], held["stash"], np.int32(held["slot"]))
+                held["slot"] = (held["slot"] + 1) % slots
                 return out, held["stash"]
 
-            jax.block_until_ready(run())  # fills the slot the bwd copy reads (and records its residual plan)
+            for _ in range(slots):  # fills every slot (and records the residual plan)
+                jax.block_until_ready(run())
             copies.append(run)
             stashes.append(held)
         programs[("fwd", d)] = copies
         if prog.trains:
-            def bwd(blocks, peft, stash, mask, g, prog=prog):
+            def bwd(blocks, peft, stash, slot, mask, g, prog=prog):
                 bias = attention_bias(mask, cfg.causal)
                 packed = {k: jax.lax.dynamic_index_in_dim(stash[k], slot, 0, keepdims=False) for k in stash}
                 return pipe._stage_bwd(prog, blocks, peft, pipe._unpack(prog, packed), bias, g)
 
             bwd = jax.jit(bwd)
             programs[("bwd", d)] = [
-                lambda bwd=bwd, w=w, i=i, held=held: bwd(*w, held["stash"], i["micro"]["attention_mask"], i["h"])
+                lambda bwd=bwd, w=w, i=i, held=held: bwd(*w, held["stash"], np.int32(held["slot"]), i["micro"]["attention_mask"], i["h"])
                 for w, i, held in zip(weights, inputs, stashes)]
     return programs
 
