@@ -33,7 +33,7 @@ FLEET = yaml.safe_load(FLEET_FILE.read_text())  # also read by caff_timing.py
 METHODS = ("caff", "uniform-t", "fedlora", "fedavg-full")
 # settings a finished OUT/<method>.json must share with this invocation to be reused
 RUN_KEYS = ("model", "data_dir", "fleet", "clients", "per_round", "rounds", "local_steps", "batch_size", "max_length",
-            "alpha", "lr", "lora_lr", "server_momentum", "server_lr", "logit_adjust", "eval_every", "seed", "max_train_examples", "max_eval_examples")
+            "alpha", "lr", "lora_lr", "server_momentum", "server_lr", "server_ema", "logit_adjust", "eval_every", "seed", "max_train_examples", "max_eval_examples")
 
 
 def main() -> None:
@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--lora-lr", type=float, default=1e-3)
     parser.add_argument("--server-momentum", type=float, default=0.0, help="FedAvgM server momentum for every method (0: plain averaging)")
     parser.add_argument("--server-lr", type=float, default=1.0, help="server step along each round's averaged change, every method (1: plain averaging)")
+    parser.add_argument("--server-ema", type=float, default=0.0,
+                        help="evaluate a moving average of the server models with this decay, every method (0: the latest)")
     parser.add_argument("--logit-adjust", type=float, default=0.0,
                         help="clients train on logits + TAU x log(their label prior), every method (0: plain cross-entropy)")
     parser.add_argument("--eval-every", type=int, default=1)
@@ -114,7 +116,7 @@ def run_methods(args, out: Path, methods: list[str], settings: dict) -> None:
     config = FLConfig(
         num_clients=args.clients, per_round=args.per_round, rounds=args.rounds, local_steps=args.local_steps,
         batch_size=args.batch_size, max_length=args.max_length, alpha=args.alpha or None, seed=args.seed, lr=args.lr,
-        lora_lr=args.lora_lr, eval_every=args.eval_every, server_momentum=args.server_momentum, server_lr=args.server_lr, logit_adjust=args.logit_adjust,
+        lora_lr=args.lora_lr, eval_every=args.eval_every, server_momentum=args.server_momentum, server_lr=args.server_lr, server_ema=args.server_ema, logit_adjust=args.logit_adjust,
     )
     costs = CostModel(model.config, model.head_config, config.workload)
     for name, c in costs.table():
@@ -181,7 +183,8 @@ def plot(curves: dict, path: str) -> None:
                      f"Dirichlet {s.get('alpha', '?')}"
                      + (f", server momentum {s['server_momentum']}" if s.get("server_momentum") else "")
                      + (f", server lr {s['server_lr']}" if s.get("server_lr", 1.0) != 1.0 else "")
-                     + (f", logit adjust {s['logit_adjust']}" if s.get("logit_adjust") else ""), fontsize=10)
+                     + (f", logit adjust {s['logit_adjust']}" if s.get("logit_adjust") else "")
+                     + (f", server EMA {s['server_ema']}" if s.get("server_ema") else ""), fontsize=10)
     acc_ax.grid(alpha=0.3)
     acc_ax.legend(fontsize=8)
     bytes_ax.set_xlabel("cumulative upload (GB)")

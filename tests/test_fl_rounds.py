@@ -11,7 +11,7 @@ from ringjax.errors import RingjaxError
 from ringjax.fl import (Budget, ClientBudgets, CostModel, FLConfig, FLModel, GroupRunner, LocalJob, chunk_sizes, local_optimizer,
                         make_local_round, plan_clients, run_federated, server_momentum, split_params, tree_bytes)
 from ringjax.fl.clients import client_example_rows, client_logits, client_loss, gather, label_log_prior
-from ringjax.fl.rounds import run_round
+from ringjax.fl.rounds import make_evaluator, run_round
 from ringjax.methods.caff import slice_top_blocks, train_caff
 from ringjax.models.backbone import forward
 from ringjax.models.heads import HeadConfig, example_losses
@@ -160,6 +160,21 @@ def test_server_momentum_run_equals_rounds_composed_by_hand(params):
     assert any(moved)  # round 1's change, carried by momentum, moved the server past round 2's plain average
 
 
+def test_server_ema_serves_the_average_of_the_rounds_models(params):
+    """Training follows the latest model; what is evaluated and returned is decay x average + (1 - decay) x latest."""
+    train, dev, budgets = synthetic(120, seed=7), synthetic(40, seed=8), fleet().assign(10)
+    base = dict(num_clients=10, per_round=3, local_steps=E, batch_size=B, max_length=T, buckets=(T,), lr=1e-2,
+                client_chunk=4, verify_memory=False, compiler_options=FAST_CFG)
+    first, second = (run_federated("uniform-t", CFG, HEAD, params, train, budgets, FLConfig(rounds=r, **base), dev, log=None).params
+                     for r in (1, 2))
+    served = run_federated("uniform-t", CFG, HEAD, params, train, budgets, FLConfig(rounds=2, server_ema=0.75, **base), dev, log=None)
+    for a, b, c in zip(jax.tree.leaves(served.params), jax.tree.leaves(first), jax.tree.leaves(second)):
+        np.testing.assert_allclose(np.asarray(a), 0.75 * np.asarray(b) + 0.25 * np.asarray(c), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.asarray(first["head"]["classifier"]["kernel"]), np.asarray(second["head"]["classifier"]["kernel"]))
+    evaluate = make_evaluator(MODEL, PeftConfig(kind="top-t"), "sst2", 128, (T,))
+    assert served.rounds[-1].dev_metric == evaluate(served.params, dev)[0]["accuracy"]
+
+
 def test_logit_adjustment_by_the_client_prior(params):
     """A label-skewed client trains on logits + tau log(prior): the loss is the shifted cross-entropy,
     and its one-label data pull the shared head's bias less than with the plain loss."""
@@ -212,6 +227,8 @@ def test_errors(params):
         FLConfig(server_momentum=1.0)
     with pytest.raises(RingjaxError, match="server lr must be in"):
         FLConfig(server_lr=0.0)
+    with pytest.raises(RingjaxError, match="server EMA decay must be in"):
+        FLConfig(server_ema=1.0)
     with pytest.raises(RingjaxError, match="logit adjustment must be >= 0"):
         FLConfig(logit_adjust=-1.0)
     with pytest.raises(RingjaxError, match="calibrates a classifier's logits"):

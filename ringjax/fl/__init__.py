@@ -1,6 +1,6 @@
 """Federated fine-tuning simulation: clients, budgets, layer selection, aggregation, rounds."""
 
-from ringjax.fl.aggregation import Aggregator, layerwise_average, server_momentum
+from ringjax.fl.aggregation import Aggregator, layerwise_average, moving_average, server_momentum
 from ringjax.fl.budgets import Budget, ClientBudgets, Fleet, Tier, load_fleet, parse_fleet
 from ringjax.fl.clients import (
     FLModel,
@@ -26,5 +26,5 @@ __all__ = [
     "FederatedRun", "Fleet", "GroupRunner", "LocalJob", "RoundMetrics", "Tier", "Workload", "choose_model", "chunk_sizes",
     "client_logits", "compile_local_step", "depth_score", "layerwise_average", "load_fleet", "local_optimizer",
     "make_local_round", "make_local_step", "measured_peak_bytes", "parse_fleet", "peak_bytes", "plan_clients",
-    "run_federated", "select_depth", "server_momentum", "split_params", "tree_bytes", "verify_memory",
+    "moving_average", "run_federated", "select_depth", "server_momentum", "split_params", "tree_bytes", "verify_memory",
 ]

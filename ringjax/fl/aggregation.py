@@ -84,6 +84,16 @@ def server_momentum(old: dict, new: dict, velocity: dict | None, beta: float, lr
     return jax.tree.map(lambda o, v: o + lr * v, old, velocity), velocity
 
 
+def moving_average(average: dict, latest: dict, decay: float) -> dict:
+    """decay x average + (1 - decay) x latest, leaf by leaf: the served model under `server_ema`.
+
+    Under label skew the server model's decision threshold swings from round to round (the
+    rounds' clients pull the logits one way, the next rounds' the other) while its features keep
+    improving; averaging the iterates (Polyak) cancels much of the swing and keeps the features.
+    """
+    return jax.tree.map(lambda a, x: decay * a + (1.0 - decay) * x, average, latest)
+
+
 def layerwise_average(server: dict, num_layers: int, updates: list[tuple[LocalJob, dict, float]]) -> dict:
     """New server params from per-client (job, trained params, sample count) triples."""
     agg = Aggregator(server, num_layers)

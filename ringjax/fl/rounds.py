@@ -29,7 +29,7 @@ from ringjax.data.metrics import main_metric_name, task_metric
 from ringjax.data.partition import partition
 from ringjax.data.tokenize import Encoded
 from ringjax.errors import RingjaxError
-from ringjax.fl.aggregation import Aggregator, server_momentum
+from ringjax.fl.aggregation import Aggregator, moving_average, server_momentum
 from ringjax.fl.budgets import ClientBudgets
 from ringjax.fl.clients import (
     FLModel,
@@ -71,6 +71,9 @@ class FLConfig:
     clip_norm: float | None = 1.0
     server_momentum: float = 0.0  # FedAvgM's beta: 0 is plain averaging
     server_lr: float = 1.0  # the server moves by server_lr x the (momentum of the) round's change
+    # the model evaluated and returned is an exponential moving average of the rounds' server models
+    # with this decay (0: the latest); training always continues from the latest
+    server_ema: float = 0.0
     # classification: clients train on logits + logit_adjust x log(their label prior) (balanced
     # softmax / FedLC calibration against label skew, `clients.label_log_prior`); 0: plain loss
     logit_adjust: float = 0.0
@@ -87,6 +90,8 @@ class FLConfig:
             raise RingjaxError(f"server momentum must be in [0, 1), got {self.server_momentum}")
         if not 0.0 < self.server_lr <= 1.0:
             raise RingjaxError(f"server lr must be in (0, 1], got {self.server_lr}")
+        if not 0.0 <= self.server_ema < 1.0:
+            raise RingjaxError(f"server EMA decay must be in [0, 1) (0: evaluate the latest model), got {self.server_ema}")
         if self.logit_adjust < 0.0:
             raise RingjaxError(f"logit adjustment must be >= 0 (0: plain cross-entropy), got {self.logit_adjust}")
         if self.per_round > self.num_clients:
@@ -121,7 +126,7 @@ class FederatedRun:
     plan: ClientPlan
     metric_name: str
     rounds: list[RoundMetrics]
-    params: dict = field(repr=False)
+    params: dict = field(repr=False)  # the served model: the latest, or its moving average under server_ema
     measured_peak_bytes: dict[str, int] = field(default_factory=dict)
     compiles: int = 0  # group executables this run compiled (others came from the process cache)
     executables: int = 0  # distinct group executables it ran
@@ -296,7 +301,7 @@ def run_federated(
 
     history: list[RoundMetrics] = []
     total_bytes = 0
-    server, velocity = params, None
+    server, velocity, served = params, None, None
     for r in range(1, config.rounds + 1):
         start = time.perf_counter()
         chosen = sample_clients(eligible, config.per_round, config.seed, r)
@@ -305,7 +310,8 @@ def run_federated(
             server, velocity = server_momentum(server, averaged, velocity, config.server_momentum, config.server_lr)
         else:
             server = averaged
-        jax.block_until_ready(server)
+        served = server if served is None or not config.server_ema else moving_average(served, server, config.server_ema)
+        jax.block_until_ready(served)
         train_seconds = time.perf_counter() - start
         round_bytes = int(sum(upload_of[plan.jobs[c]] for c in chosen))
         total_bytes += round_bytes
@@ -314,7 +320,7 @@ def run_federated(
         eval_seconds = 0.0
         if evaluate is not None and (r % config.eval_every == 0 or r == config.rounds):
             t0 = time.perf_counter()
-            scores, dev_loss = evaluate(server, dev)
+            scores, dev_loss = evaluate(served, dev)
             metric = scores[metric_name]
             eval_seconds = time.perf_counter() - t0
         m = RoundMetrics(r, len(chosen), round_bytes, total_bytes, float(depths.mean()), float(depths.mean() / L), float(np.mean(losses)), metric, dev_loss, train_seconds, eval_seconds,
@@ -328,4 +334,5 @@ def run_federated(
             + f", uploaded {round_bytes / 1e6:.1f} MB ({total_bytes / 1e6:.1f} MB total), {train_seconds:.1f}+{eval_seconds:.1f} s"
         )
     peaks = {f"{j.kind}-{j.depth}": b for j, b in sorted(measured.items(), key=lambda kv: (kv[0].kind, kv[0].depth))}
-    return FederatedRun(method, plan, metric_name, history, server, peaks, runner.compiles, len(runner.shapes_used))
+    final = server if served is None else served
+    return FederatedRun(method, plan, metric_name, history, final, peaks, runner.compiles, len(runner.shapes_used))

@@ -185,7 +185,7 @@ def train_federated(c) -> dict:
         batch_size=c.batch_size, max_length=c.max_length, alpha=c.alpha if c.alpha else None, seed=c.seed,
         lr=c.learning_rate, lora_lr=c.learning_rate, weight_decay=c.weight_decay,
         client_chunk=c.devices * -(-8 // c.devices), eval_every=c.eval_every or 1,
-        server_momentum=c.server_momentum, server_lr=c.server_lr, logit_adjust=c.logit_adjust,
+        server_momentum=c.server_momentum, server_lr=c.server_lr, server_ema=c.server_ema, logit_adjust=c.logit_adjust,
     )
     budgets = load_fleet(c.fleet).assign(fl.num_clients, fl.seed)
 
