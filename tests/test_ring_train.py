@@ -38,7 +38,7 @@ def test_ringada_matches_single_device_updates_across_an_unfreeze(tiny):  # noqa
     for before, after in zip(jax.tree.leaves(start), jax.tree.leaves(now)):
         np.testing.assert_array_equal(np.asarray(after)[: L - 3], np.asarray(before)[: L - 3])
         assert np.any(np.asarray(after)[L - 3] != np.asarray(before)[L - 3])
-    mu = run.state.opt_state[1].mu["peft"]["blocks"]
+    mu = run.state.opt_state[1][0].mu["peft"]["blocks"]
     assert all(not np.any(np.asarray(m)[: L - 3]) for m in jax.tree.leaves(mu))
 
     # a checkpoint resumes in the same phase with the same parameters
