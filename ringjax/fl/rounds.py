@@ -301,7 +301,7 @@ def run_federated(
 
     history: list[RoundMetrics] = []
     total_bytes = 0
-    server, velocity, served = params, None, None
+    server, velocity, served = params, None, params  # served: the model evaluated and returned
     for r in range(1, config.rounds + 1):
         start = time.perf_counter()
         chosen = sample_clients(eligible, config.per_round, config.seed, r)
@@ -310,7 +310,7 @@ def run_federated(
             server, velocity = server_momentum(server, averaged, velocity, config.server_momentum, config.server_lr)
         else:
             server = averaged
-        served = server if served is None or not config.server_ema else moving_average(served, server, config.server_ema)
+        served = moving_average(served, server, config.server_ema) if config.server_ema and r > 1 else server
         jax.block_until_ready(served)
         train_seconds = time.perf_counter() - start
         round_bytes = int(sum(upload_of[plan.jobs[c]] for c in chosen))
@@ -334,5 +334,4 @@ def run_federated(
             + f", uploaded {round_bytes / 1e6:.1f} MB ({total_bytes / 1e6:.1f} MB total), {train_seconds:.1f}+{eval_seconds:.1f} s"
         )
     peaks = {f"{j.kind}-{j.depth}": b for j, b in sorted(measured.items(), key=lambda kv: (kv[0].kind, kv[0].depth))}
-    final = server if served is None else served
-    return FederatedRun(method, plan, metric_name, history, final, peaks, runner.compiles, len(runner.shapes_used))
+    return FederatedRun(method, plan, metric_name, history, served, peaks, runner.compiles, len(runner.shapes_used))
