@@ -12,6 +12,7 @@ import ringjax
 from ringjax.models import assemble, forward, random_backbone
 from ringjax.peft import layer_mask, leaf_mask, preset, split
 from ringjax.peft.export import export_hf_peft, load_trainable, save_trainable
+from ringjax.train.config import PRESETS as TRAIN_PRESETS
 from ringjax.train.optim import OptimConfig, make_optimizer
 from ringjax.train.step import init_state, make_train_step
 
@@ -121,11 +122,30 @@ def test_lora_exports_in_the_hugging_face_peft_layout(tmp_path):
 
 
 def test_run_config_knobs_reach_the_peft_config():
-    """--lora-targets, --lora-rank and --side-every become the run's PeftConfig (what `prepare` and `eval` build)."""
+    """--lora-targets, --lora-rank, --adapter-init-std and --side-every become the run's PeftConfig (what `prepare` and `eval` build)."""
     from ringjax.train.config import TrainConfig
     from ringjax.train.trainer import peft_for
 
     lora = peft_for(TrainConfig(method="lora", lora_rank=4, lora_targets="query, ffn_in,ffn_out"))
     assert (lora.lora_targets, lora.lora_rank, lora.lora_alpha) == (("query", "ffn_in", "ffn_out"), 4, 8.0)
     assert peft_for(TrainConfig(method="pac", adapter="parallel", side_every=1)).side_every == 1
+    assert peft_for(TrainConfig(method="houlsby", adapter_init_std=0.05)).init_std == 0.05
+    assert peft_for(TrainConfig(method="houlsby")).init_std == 1e-2
+    assert peft_for(TrainConfig(method="ringada", adapter_init_std=0.05)).init_std == 0.05  # the ring's adapters too
     assert peft_for(TrainConfig(method="pac", adapter="parallel")).side_every == 2
+
+
+@pytest.mark.parametrize("name", sorted(TRAIN_PRESETS))
+def test_train_presets_build_valid_configs_that_yaml_and_flags_override(tmp_path, name):
+    """Every named train preset is a valid run config; a YAML file overrides it, and flags the YAML."""
+    from ringjax.train.config import build_config
+    from ringjax.train.trainer import peft_for
+
+    config = build_config(name)
+    spec = peft_for(config)
+    assert spec.kind == "adapter" and config.steps is not None
+    if name == "sst2-houlsby":
+        assert (spec.init_std, spec.train_norms, config.pooling) == (0.1, True, "mean")
+    (tmp_path / "run.yaml").write_text("lr: 7e-4\nseed: 3\n")
+    tuned = build_config(name, str(tmp_path / "run.yaml"), {"seed": "5"})
+    assert (tuned.lr, tuned.seed, tuned.steps) == (7e-4, 5, config.steps)

@@ -49,6 +49,8 @@ class PeftConfig:
         for name in ("reduction_factor", "lora_rank", "side_reduction", "side_every"):
             if getattr(self, name) < 1:
                 raise RingjaxError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not self.init_std > 0:  # a zero down projection and a zero up projection never leave zero
+            raise RingjaxError(f"adapter init std must be positive, got {self.init_std}")
         if self.side_heads < 0:
             raise RingjaxError(f"side_heads must be 0 (width // 16) or positive, got {self.side_heads}")
         if self.top_t < 0:  # 0: only the head trains (a federated client's smallest job)

@@ -33,6 +33,7 @@ class TrainConfig:
     top_t: int = 2
     train_norms: bool = False  # adapter / LoRA methods: the blocks' layer norms train too
     reduction_factor: int | None = None  # bottleneck adapters: hidden size / adapter width (None: the preset's 16)
+    adapter_init_std: float | None = None  # bottleneck adapters: std of the down projection's init (None: the preset's 1e-2)
     lora_rank: int | None = None  # None: the preset's 8 (alpha scales with it: alpha = 2 x rank)
     lora_targets: str | None = None  # LoRA: comma list of projections, e.g. query,key,value,attn_out,ffn_in,ffn_out (None: query,value)
     side_every: int | None = None  # PAC / parallel: the side network reads every Nth block from the top (None: 2)
@@ -92,7 +93,12 @@ PRESETS: dict[str, dict] = {
     "quickstart": dict(method="ringada", devices=4, microbatches=4, steps=60, batch_size=16, max_length=32,
                        unfreeze="0:2,20:4,40:6", eval_every=20, max_train_examples=2000, max_eval_examples=400,
                        out="runs/quickstart"),
-    "sst2-houlsby": dict(task="sst2", method="houlsby", steps=1000, batch_size=32, max_length=64),
+    # Houlsby adapters' SST-2 recipe (88.3 / 87.4 / 88.3% dev accuracy at seeds 0 / 1 / 2 in 1,000
+    # steps, ~215 s here): layer norms train too, bf16 frozen kernels, mean pooling (MiniLM's own),
+    # and a down-projection init of std 0.1 rather than Houlsby's 1e-2, so the adapters start
+    # moving the residual stream at once; add --data-dir GLUE
+    "sst2-houlsby": dict(task="sst2", method="houlsby", steps=1000, batch_size=32, max_length=64, train_norms=True,
+                         compute_dtype="bfloat16", pooling="mean", lr=3e-3, adapter_init_std=0.1, eval_every=250),
 }
 
 

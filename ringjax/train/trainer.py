@@ -65,9 +65,13 @@ def peft_for(config: TrainConfig) -> PeftConfig:
     if tuned and config.method not in ("houlsby", "pfeiffer", "lora"):
         raise RingjaxError(f"{', '.join(tuned)} apply to the single-device adapter and LoRA methods "
                            f"(houlsby, pfeiffer, lora), not --method {config.method}; drop them")
+    name = _FEDERATED_PEFT[config.method] if config.method in FEDERATED_METHODS else (
+        config.method if config.method in SINGLE_DEVICE_METHODS else config.adapter)
+    if config.adapter_init_std is not None and name not in ("houlsby", "pfeiffer"):
+        raise RingjaxError(f"--adapter-init-std sets bottleneck adapters' init (houlsby, pfeiffer adapters), "
+                           f"not --method {config.method}; drop it")
     if config.method in FEDERATED_METHODS:
-        return preset(_FEDERATED_PEFT[config.method])
-    name = config.method if config.method in SINGLE_DEVICE_METHODS else config.adapter
+        return preset(name)
     if config.side_every is not None:
         if name != "parallel":
             raise RingjaxError(f"--side-every sets PAC's side network (--method pac or parallel), not --method {config.method}; drop it")
@@ -77,6 +81,8 @@ def peft_for(config: TrainConfig) -> PeftConfig:
     overrides = {"train_norms": True} if config.train_norms else {}
     if config.reduction_factor is not None:
         overrides["reduction_factor"] = config.reduction_factor
+    if config.adapter_init_std is not None:
+        overrides["init_std"] = config.adapter_init_std
     if config.lora_rank is not None:
         overrides.update(lora_rank=config.lora_rank, lora_alpha=2.0 * config.lora_rank)
     if config.lora_targets is not None:
