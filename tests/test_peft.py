@@ -38,6 +38,18 @@ def test_fresh_peft_modules_leave_the_backbone_output_unchanged(method):
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+def test_adapter_init_std_scales_the_down_projection_and_keeps_the_identity():
+    """init_std sets the down projection's scale; the zero up projection keeps a fresh adapter the identity."""
+    _, default = _params("houlsby")
+    spec, wide = _params("houlsby", init_std=0.1)
+    down = lambda p: p["peft"]["blocks"]["adapter"]["ffn"]["down"]["kernel"]  # noqa: E731
+    np.testing.assert_allclose(down(wide), 10.0 * down(default), rtol=1e-6)
+    _, plain = _params("full")
+    plain["head"] = wide["head"]
+    np.testing.assert_allclose(forward(CFG, spec, HEAD, wide, BATCH).logits,
+                               forward(CFG, preset("full"), HEAD, plain, BATCH).logits, atol=1e-6)
+
+
 def test_adapter_sites_and_sizes_follow_the_presets():
     _, houlsby = _params("houlsby")
     _, pfeiffer = _params("pfeiffer")
