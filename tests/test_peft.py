@@ -28,9 +28,10 @@ def _params(method, **overrides):
     return spec, assemble(CFG, random_backbone(CFG, jax.random.key(0)), HEAD, spec, jax.random.key(1))
 
 
-@pytest.mark.parametrize("method", ["houlsby", "pfeiffer", "lora", "parallel"])
-def test_fresh_peft_modules_leave_the_backbone_output_unchanged(method):
-    spec, params = _params(method)
+@pytest.mark.parametrize("method, overrides", [("houlsby", {}), ("houlsby", {"init_std": 0.1}), ("pfeiffer", {}),
+                                               ("lora", {}), ("parallel", {})])
+def test_fresh_peft_modules_leave_the_backbone_output_unchanged(method, overrides):
+    spec, params = _params(method, **overrides)
     _, plain = _params("full")
     plain["head"] = params["head"]
     got = forward(CFG, spec, HEAD, params, BATCH).logits
@@ -38,16 +39,10 @@ def test_fresh_peft_modules_leave_the_backbone_output_unchanged(method):
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
-def test_adapter_init_std_scales_the_down_projection_and_keeps_the_identity():
-    """init_std sets the down projection's scale; the zero up projection keeps a fresh adapter the identity."""
-    _, default = _params("houlsby")
-    spec, wide = _params("houlsby", init_std=0.1)
+def test_adapter_init_std_scales_the_down_projection():
+    """init_std sets the down projection's scale (the zero up projection keeps the identity: test above)."""
     down = lambda p: p["peft"]["blocks"]["adapter"]["ffn"]["down"]["kernel"]  # noqa: E731
-    np.testing.assert_allclose(down(wide), 10.0 * down(default), rtol=1e-6)
-    _, plain = _params("full")
-    plain["head"] = wide["head"]
-    np.testing.assert_allclose(forward(CFG, spec, HEAD, wide, BATCH).logits,
-                               forward(CFG, preset("full"), HEAD, plain, BATCH).logits, atol=1e-6)
+    np.testing.assert_allclose(down(_params("houlsby", init_std=0.1)[1]), 10.0 * down(_params("houlsby")[1]), rtol=1e-6)
 
 
 def test_adapter_sites_and_sizes_follow_the_presets():

@@ -67,7 +67,7 @@ def peft_for(config: TrainConfig) -> PeftConfig:
                            f"(houlsby, pfeiffer, lora), not --method {config.method}; drop them")
     name = _FEDERATED_PEFT[config.method] if config.method in FEDERATED_METHODS else (
         config.method if config.method in SINGLE_DEVICE_METHODS else config.adapter)
-    if config.adapter_init_std is not None and name not in ("houlsby", "pfeiffer"):
+    if config.adapter_init_std is not None and preset(name).kind != "adapter":
         raise RingjaxError(f"--adapter-init-std sets bottleneck adapters' init (houlsby, pfeiffer adapters), "
                            f"not --method {config.method}; drop it")
     if config.method in FEDERATED_METHODS:
