@@ -7,8 +7,9 @@ The PyTorch side runs ../shared/bench/peer_step.py in its own virtual environmen
 usage: python experiments/speed_vs_pytorch.py --peer-python /tmp/peer-venv/bin/python [--rounds 3]
 Prints one JSON object: per ringjax variant, both medians and their ratio, plus ringjax's MFU.
 
-Variants: lora, houlsby and full in float32, and lora and houlsby with `--compute-dtype
-bfloat16` (frozen backbone kernels in bf16, everything else float32). Every variant is compared
+Variants: lora, houlsby and full in float32, and each with `--compute-dtype bfloat16` (block
+projections multiplied in bf16: frozen kernels stored in bf16, full fine-tuning's float32 master
+kernels narrowed in the step; everything else float32). Every variant is compared
 with the float32 PyTorch step the issue names (LoRA for the PEFT methods, full for full); the
 bf16 variants also with the same PyTorch step under `torch.autocast("cpu", torch.bfloat16)`, the
 mixed precision PyTorch itself offers, so neither side's precision is hidden.
@@ -30,6 +31,7 @@ VARIANTS = {
     "full": ("full", "float32", "full"),
     "lora-bf16": ("lora", "bfloat16", "lora"),
     "houlsby-bf16": ("houlsby", "bfloat16", "lora"),
+    "full-bf16": ("full", "bfloat16", "full"),
 }
 AUTOCAST = ("import runpy, sys, torch; script = sys.argv[1]; sys.argv = sys.argv[1:]\n"
             "with torch.autocast('cpu', dtype=torch.bfloat16): runpy.run_path(script, run_name='__main__')")

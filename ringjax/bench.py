@@ -29,10 +29,11 @@ def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """fp32 matmul throughput of this device, the yardstick for MFU."""
-    a = jax.random.normal(jax.random.key(0), (n, n))
-    f = jax.jit(lambda a: a @ a)
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
+    """Matmul throughput of this device, the yardstick for MFU: float32, or bfloat16 inputs with
+    float32 accumulation (how `--compute-dtype bfloat16` multiplies)."""
+    a = jax.random.normal(jax.random.key(0), (n, n)).astype(dtype)
+    f = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32))
     return 2 * n**3 / median_seconds(lambda: f(a), repeats) / 1e9
 
 
@@ -67,7 +68,8 @@ def single_device_step(model_name: str, method: str, batch: int, seq: int, unrol
     frozen = cast_frozen_kernels(frozen, compute_dtype, model.peft_config)
     optimizer = make_optimizer(OptimConfig(), 1000)
     state = init_state(optimizer, trainable)
-    step = make_train_step(model.config, model.peft_config, model.head_config, optimizer, params, model.depth, unroll)
+    step = make_train_step(model.config, model.peft_config, model.head_config, optimizer, params, model.depth, unroll,
+                           compute_dtype)
     data = random_batch(batch, seq, model.config.vocab_size)
     compiled = step.lower(state, frozen, data).compile()
     return compiled, state, frozen, data
@@ -86,12 +88,17 @@ def bench_step(model: str = "minilm", method: str = "houlsby", batch: int = 32, 
     flops = compiled_flops(single_device_step(model, method, batch, seq, unroll=True, compute_dtype=compute_dtype)[0])  # see run_blocks
     peak = matmul_peak_gflops()
     achieved = flops / seconds / 1e9
-    return {
+    result = {
         "model": model, "method": method, "compute_dtype": compute_dtype, "batch": batch, "seq": seq, "seconds_per_step": seconds,
         "tokens_per_second": batch * seq / seconds, "flops_per_step": flops, "gflops_per_second": achieved,
         "matmul_peak_gflops": peak, "mfu": achieved / peak, "peak_bytes": peak_bytes(compiled),
         "device": str(jax.devices()[0].device_kind),
     }
+    if compute_dtype != "float32":  # MFU against the peak of the dtype the projections multiply in
+        narrow_peak = matmul_peak_gflops(dtype=compute_dtype)
+        result.update({f"matmul_peak_gflops_{compute_dtype}": narrow_peak, "mfu_vs_float32_peak": achieved / peak,
+                       "mfu": achieved / narrow_peak})
+    return result
 
 
 def bench_pac_cli(options: dict) -> dict:

@@ -33,7 +33,7 @@ def _glue(tmp_path, rows):
         (["--method", "houlsby", "--reduction-factor", "0"], "reduction_factor must be a positive integer"),
         (["--method", "houlsby", "--adapter-init-std", "0"], "adapter init std must be positive"),
         (["--method", "lora", "--adapter-init-std", "0.05"], "--adapter-init-std sets bottleneck adapters' init"),
-        (["--method", "full", "--compute-dtype", "bfloat16"], "--compute-dtype apply to the single-device adapter"),
+        (["--method", "parallel", "--compute-dtype", "bfloat16"], "--compute-dtype bfloat16 applies to the single-device methods"),
         (["--method", "lora", "--compute-dtype", "float8"], "unknown compute dtype"),
         (["--method", "houlsby", "--side-every", "2"], "--side-every sets PAC's side network"),
         (["--method", "houlsby", "--lora-targets", "query"], "--lora-targets applies to --method lora"),

@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
-                       help="step: bfloat16 stores and multiplies the frozen backbone kernels in bf16 (adapter / LoRA)")
+                       help="step: bfloat16 multiplies the block projections in bf16 (adapter, LoRA, full, top-t)")
     # bench pac (its --seq is the max length, its --batch the global batch)
     bench.add_argument("--devices", type=int, default=4, help="pac: emulated or real devices (default 4)")
     bench.add_argument("--epochs", type=int, default=2, help="pac: epochs of PAC (default 2)")

@@ -18,7 +18,7 @@ from ringjax.errors import RingjaxError
 # Fields that must match for a resumed run to be the same run.
 IDENTITY_FIELDS = ("model", "task", "method", "adapter", "top_t", "batch_size", "max_length", "max_train_examples",
                    "seed", "devices", "microbatches", "unfreeze", "steps", "epochs", "learning_rate", "weight_decay",
-                   "warmup_ratio")
+                   "warmup_ratio", "compute_dtype")
 
 
 def run_identity(config) -> dict:

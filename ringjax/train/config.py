@@ -37,7 +37,7 @@ class TrainConfig:
     lora_rank: int | None = None  # None: the preset's 8 (alpha scales with it: alpha = 2 x rank)
     lora_targets: str | None = None  # LoRA: comma list of projections, e.g. query,key,value,attn_out,ffn_in,ffn_out (None: query,value)
     side_every: int | None = None  # PAC / parallel: the side network reads every Nth block from the top (None: 2)
-    compute_dtype: str = "float32"  # bfloat16: frozen backbone kernels stored and multiplied in bf16 (adapter / LoRA)
+    compute_dtype: str = "float32"  # bfloat16: block projections multiplied in bf16 (adapter, LoRA, full, top-t)
     pooling: str = "cls"  # encoder heads: "cls" (Hugging Face's pooler on [CLS]) or "mean" over real tokens
     # how long
     steps: int | None = None

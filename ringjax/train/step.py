@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from ringjax.models.backbone import forward
 from ringjax.models.config import ModelConfig
 from ringjax.models.heads import HeadConfig, example_losses, predictions
+from ringjax.models.precision import narrow_block_kernels
 from ringjax.peft.config import PeftConfig
 from ringjax.peft.trainable import layer_mask, merge, split
 from ringjax.train.optim import masked_apply
@@ -30,16 +31,19 @@ def weighted_mean(losses, batch):
 
 
 def loss_fn(trainable, frozen, batch, *, cfg: ModelConfig, spec: PeftConfig, head: HeadConfig, depth: int,
-            unroll: bool = False):
-    out = forward(cfg, spec, head, merge(trainable, frozen), batch, depth, unroll)
+            unroll: bool = False, compute_dtype: str = "float32"):
+    params = narrow_block_kernels(merge(trainable, frozen), compute_dtype)
+    out = forward(cfg, spec, head, params, batch, depth, unroll)
     return weighted_mean(example_losses(head, out.logits, batch["labels"]), batch)
 
 
 def make_train_step(cfg: ModelConfig, spec: PeftConfig, head: HeadConfig, optimizer, params_like, depth: int,
-                    unroll: bool = False):
-    """A jitted step for one trainable depth (depth is static: each depth compiles once)."""
+                    unroll: bool = False, compute_dtype: str = "float32"):
+    """A jitted step for one trainable depth (depth is static: each depth compiles once).
+    compute_dtype "bfloat16" multiplies the blocks' projections in bf16 (`ringjax.models.precision`)."""
     factors = layer_mask(params_like, spec, depth, cfg.num_layers)
-    grad_fn = jax.value_and_grad(lambda t, f, b: loss_fn(t, f, b, cfg=cfg, spec=spec, head=head, depth=depth, unroll=unroll))
+    grad_fn = jax.value_and_grad(lambda t, f, b: loss_fn(t, f, b, cfg=cfg, spec=spec, head=head, depth=depth,
+                                                         unroll=unroll, compute_dtype=compute_dtype))
 
     def train_step(state: TrainState, frozen, batch):
         loss, grads = grad_fn(state.trainable, frozen, batch)

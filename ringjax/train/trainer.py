@@ -28,6 +28,7 @@ from ringjax.train.optim import OptimConfig, make_optimizer
 from ringjax.train.step import TrainState, init_state, make_eval_step, make_train_step
 
 SINGLE_DEVICE_METHODS = ("full", "lora", "houlsby", "pfeiffer", "parallel", "top-t")
+BF16_METHODS = ("full", "lora", "houlsby", "pfeiffer", "top-t")  # --compute-dtype bfloat16 (ringjax.models.precision)
 # Federated simulations (ringjax.methods.caff) run --rounds, not --steps / --epochs.
 FEDERATED_METHODS = FL_METHODS
 _FEDERATED_PEFT = {"caff": "top-t", "uniform-t": "top-t", "fedavg-full": "full", "fedlora": "lora"}
@@ -60,11 +61,13 @@ class Run:
 def peft_for(config: TrainConfig) -> PeftConfig:
     check_compute_dtype(config.compute_dtype)
     tuned = [f"--{flag}" for flag, value in (("train-norms", config.train_norms), ("reduction-factor", config.reduction_factor),
-                                              ("lora-rank", config.lora_rank),
-                                              ("compute-dtype", config.compute_dtype != "float32")) if value]
+                                              ("lora-rank", config.lora_rank)) if value]
     if tuned and config.method not in ("houlsby", "pfeiffer", "lora"):
         raise RingjaxError(f"{', '.join(tuned)} apply to the single-device adapter and LoRA methods "
                            f"(houlsby, pfeiffer, lora), not --method {config.method}; drop them")
+    if config.compute_dtype != "float32" and config.method not in BF16_METHODS:
+        raise RingjaxError(f"--compute-dtype {config.compute_dtype} applies to the single-device methods "
+                           f"{', '.join(BF16_METHODS)}, not --method {config.method}; drop it")
     name = _FEDERATED_PEFT[config.method] if config.method in FEDERATED_METHODS else (
         config.method if config.method in SINGLE_DEVICE_METHODS else config.adapter)
     if config.adapter_init_std is not None and preset(name).kind != "adapter":
@@ -183,7 +186,8 @@ class SingleDevice:
         self.frozen = cast_frozen_kernels(frozen, run.config.compute_dtype, m.peft_config)
         self.state = init_state(optimizer, trainable)
         self._depth = m.depth
-        self._step = make_train_step(m.config, m.peft_config, m.head_config, optimizer, params, self._depth)
+        self._step = make_train_step(m.config, m.peft_config, m.head_config, optimizer, params, self._depth,
+                                     compute_dtype=run.config.compute_dtype)
 
     def depth(self) -> int:
         return self._depth
