@@ -162,8 +162,7 @@ def action_programs(pipe, trainable: dict, frozen: dict, host_batch: dict, devic
         if prog.trains:
             def bwd(blocks, peft, stash, slot, mask, g, prog=prog):
                 bias = attention_bias(mask, cfg.causal)
-                packed = {k: jax.lax.dynamic_index_in_dim(stash[k], slot, 0, keepdims=False) for k in stash}
-                return pipe._stage_bwd(prog, blocks, peft, pipe._unpack(prog, packed), bias, g)
+                return pipe._stage_bwd(prog, blocks, peft, pipe._unpack(prog, stash, slot), bias, g)
 
             bwd = jax.jit(bwd)
             programs[("bwd", d)] = [

@@ -267,14 +267,17 @@ class RingPipeline:
             out[name] = jnp.pad(flat, (0, size - flat.shape[0]))
         return out
 
-    def _unpack(self, prog, packed):
+    def _unpack(self, prog, stash, slot):
+        """This program's residuals of stash row `slot`, each read straight from the stash (a
+        whole-row read first would copy every residual twice)."""
         _, _, layout = self._plans[prog]
-        offsets = {name: 0 for name in packed}
+        offsets = {name: 0 for name in stash}
         kept = []
         for shape, dtype in layout:
             name = str(jnp.dtype(dtype))
             n = int(np.prod(shape))
-            kept.append(packed[name][offsets[name]:offsets[name] + n].reshape(shape))
+            piece = jax.lax.dynamic_slice(stash[name], (slot, offsets[name]), (1, n))
+            kept.append(piece.reshape(shape))
             offsets[name] += n
         return kept
 
@@ -328,8 +331,8 @@ class RingPipeline:
             return run
 
         def bwd_branch(prog):
-            def run(blocks, peft, packed, bias, g):
-                return self._stage_bwd(prog, blocks, peft, self._unpack(prog, packed), bias, g)
+            def run(blocks, peft, stash, slot, bias, g):
+                return self._stage_bwd(prog, blocks, peft, self._unpack(prog, stash, slot), bias, g)
             return run
 
         # Frozen and training programs are separate switches: a training one returns residuals
@@ -396,9 +399,8 @@ class RingPipeline:
             h_out, stash = jax.lax.cond(kind == FWD, do_fwd, no_fwd, stash)
 
             def do_bwd(stash, gin):
-                kept = {k: jax.lax.dynamic_index_in_dim(stash[k], slot, 0, keepdims=False) for k in stash}
                 g_out = jax.lax.dynamic_index_in_dim(gin, m, 0, keepdims=False)
-                return jax.lax.switch(local_index, bwd_train, blocks, peft, kept, bias, g_out)
+                return jax.lax.switch(local_index, bwd_train, blocks, peft, stash, slot, bias, g_out)
 
             def no_bwd(stash, gin):
                 return _zeros_like(peft), jnp.zeros(hshape, jnp.float32)
