@@ -10,7 +10,7 @@ and the optimizer stay float32.
   (`cast_frozen_kernels`): half the memory, no per-step cast.
 - Full and top-t fine-tuning keep float32 master kernels in the optimizer and narrow them inside
   the step (`narrow_block_kernels`); their gradients flow back through the cast, as under
-  `torch.autocast`.
+  `torch.autocast`. Their evaluation multiplies the float32 master kernels.
 """
 
 from __future__ import annotations

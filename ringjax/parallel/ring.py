@@ -17,7 +17,8 @@ every device reads its row of the schedule's tables and runs at most one of:
   `residuals="recompute"` only the activation at the cut is kept and the backward tick
   re-runs the suffix's forward. Frozen programs keep nothing;
 - backward: `lax.cond` on "my action is bwd", then the program's pullback rebuilt from the
-  stash, giving adapter gradients (accumulated) and, only where the stage below trains, the
+  stash (each residual read straight from its slot: reading the whole slot first copied it),
+  giving adapter gradients (accumulated) and, only where the stage below trains, the
   input gradient. The vjp is wrt the adapters (and the input where needed), never wrt the
   frozen weights, so no weight gradients are computed.
 Conditions on device-varying predicates run only the taken branch, so idle ticks (bubbles),
