@@ -81,5 +81,7 @@ def test_existing_checkpoints_are_never_overwritten_and_resume_checks_config(cap
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == saved
     code, err = _run(capsys, *common, "--resume", "--seed", "3")
     assert code == 2 and "another configuration" in err and "seed" in err
+    code, err = _run(capsys, *common, "--resume", "--compute-dtype", "bfloat16")
+    assert code == 2 and "another configuration" in err and "compute_dtype" in err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["dev_metric_name"] == "accuracy"

@@ -168,11 +168,12 @@ class CostModel:
     def activation_elements_per_block(self, lora: bool = False) -> float:
         """Saved for backward; under LoRA a frozen projection's input is not kept (no weight grad)."""
         cfg = self.cfg
-        per_token = sum(i + o for i, o in self.kernels.values()) + 2 * cfg.hidden_size + cfg.intermediate_size
+        per_token = sum(i + o for i, o in self.kernels.values()) + 2 * cfg.hidden_size
         if lora:
             per_token -= sum(i for name, (i, _) in self.kernels.items() if name not in self.lora_kernels and name not in ("query", "key", "value"))
             per_token -= 0 if any(n in self.lora_kernels for n in ("query", "key", "value")) else self.cfg.hidden_size
-            per_token -= cfg.intermediate_size  # the fitted FFN-wide term: LoRA's measured peaks do without it
+        else:
+            per_token += cfg.intermediate_size  # the fitted FFN-wide term (module docstring); LoRA's peaks do without it
         return self.tokens * per_token + 2 * self.scores
 
     def working_elements(self) -> float:

@@ -17,7 +17,7 @@ from ringjax.errors import RingjaxError
 from ringjax.fl.selection import METHODS as FL_METHODS
 from ringjax.models import HeadConfig, Model, load_model, load_tokenizer
 from ringjax.models.model import check_max_length
-from ringjax.models.precision import cast_frozen_kernels, check_compute_dtype
+from ringjax.models.precision import NARROW_KINDS, cast_frozen_kernels, check_compute_dtype
 from ringjax.parallel.mesh import is_primary
 from ringjax.peft import PeftConfig, leaf_mask, merge, preset, split
 from ringjax.peft.export import save_trainable
@@ -28,7 +28,6 @@ from ringjax.train.optim import OptimConfig, make_optimizer
 from ringjax.train.step import TrainState, init_state, make_eval_step, make_train_step
 
 SINGLE_DEVICE_METHODS = ("full", "lora", "houlsby", "pfeiffer", "parallel", "top-t")
-BF16_METHODS = ("full", "lora", "houlsby", "pfeiffer", "top-t")  # --compute-dtype bfloat16 (ringjax.models.precision)
 # Federated simulations (ringjax.methods.caff) run --rounds, not --steps / --epochs.
 FEDERATED_METHODS = FL_METHODS
 _FEDERATED_PEFT = {"caff": "top-t", "uniform-t": "top-t", "fedavg-full": "full", "fedlora": "lora"}
@@ -65,11 +64,12 @@ def peft_for(config: TrainConfig) -> PeftConfig:
     if tuned and config.method not in ("houlsby", "pfeiffer", "lora"):
         raise RingjaxError(f"{', '.join(tuned)} apply to the single-device adapter and LoRA methods "
                            f"(houlsby, pfeiffer, lora), not --method {config.method}; drop them")
-    if config.compute_dtype != "float32" and config.method not in BF16_METHODS:
-        raise RingjaxError(f"--compute-dtype {config.compute_dtype} applies to the single-device methods "
-                           f"{', '.join(BF16_METHODS)}, not --method {config.method}; drop it")
     name = _FEDERATED_PEFT[config.method] if config.method in FEDERATED_METHODS else (
         config.method if config.method in SINGLE_DEVICE_METHODS else config.adapter)
+    if config.compute_dtype != "float32" and not (config.method in SINGLE_DEVICE_METHODS and preset(name).kind in NARROW_KINDS):
+        narrow = [m for m in SINGLE_DEVICE_METHODS if preset(m).kind in NARROW_KINDS]
+        raise RingjaxError(f"--compute-dtype {config.compute_dtype} applies to the single-device methods "
+                           f"{', '.join(narrow)}, not --method {config.method}; drop it")
     if config.adapter_init_std is not None and preset(name).kind != "adapter":
         raise RingjaxError(f"--adapter-init-std sets bottleneck adapters' init (houlsby, pfeiffer adapters), "
                            f"not --method {config.method}; drop it")
