@@ -7,6 +7,7 @@ modes without taking the full product.
 """
 
 import functools
+import re
 from functools import partial
 
 import jax
@@ -200,3 +201,17 @@ def test_labels_are_never_an_operand_of_a_collective(tiny):
     assert found, "the loss gradient must flow back from the owners"
     assert all(jnp.issubdtype(aval.dtype, jnp.floating) for _, aval in found), found
     assert not any(name == "all_gather" for name, _ in found), found
+
+
+def test_stash_is_written_in_place_never_copied_whole(tiny):
+    """Three distinct training programs (stages 2, 1, 2, 1, all unfrozen) each write their
+    residuals into the stash; if one conditional had several writing branches, XLA would copy
+    the whole (slots x residuals) stash in each of them on every tick."""
+    cfg, spec, head, _, trainable, frozen = tiny
+    pipe = RingPipeline(cfg, spec, head, make_stage_mesh(4), plan_stages(L, 4, (2, 1, 2, 1)), 4, 6, compiler_options=FAST)
+    assert len({p for p in pipe.programs if p.trains}) == 3
+    data = pipe.shard_batch(make_batch(False))
+    text = jax.jit(pipe.loss_and_grads, compiler_options=FAST).lower(trainable, pipe.place_frozen(frozen), data).compile().as_text()
+    stash_shaped = re.compile(rf"= f32\[{pipe.schedule.slots},\d{{4,}}\]\S* copy\(")
+    assert "dynamic-update-slice" in text
+    assert not [line for line in text.splitlines() if stash_shaped.search(line)]

@@ -9,11 +9,12 @@ stage 0 embeds every microbatch and every stage needs the attention masks.
 
 A step is a `lax.scan` over the ticks of a `PipelineSchedule` (see schedules.py). In each tick
 every device reads its row of the schedule's tables and runs at most one of:
-- forward: `lax.cond` on "my action is fwd", then `lax.switch` over the distinct stage
-  programs (a program is: number of blocks, unfreeze cut inside the stage, whether the input
-  gradient is needed). Frozen layers run plainly; the trainable suffix runs under `jax.vjp`,
-  and the pullback's residuals (minus the weights and adapters, which the backward tick has
-  anyway) are packed into this microbatch's slot of a per-device stash. With
+- forward: `lax.cond` on "my action is fwd", then the device's stage program, picked among
+  the distinct programs by device index (a program is: number of blocks, unfreeze cut inside
+  the stage, whether the input gradient is needed). Frozen layers run plainly; the trainable
+  suffix runs under `jax.vjp`, and the pullback's residuals (minus the weights and adapters,
+  which the backward tick has anyway) are written straight into this microbatch's slot of a
+  per-device stash. With
   `residuals="recompute"` only the activation at the cut is kept and the backward tick
   re-runs the suffix's forward. Frozen programs keep nothing;
 - backward: `lax.cond` on "my action is bwd", then the program's pullback rebuilt from the
@@ -34,8 +35,9 @@ to the microbatch's owner, and the owner's loss gradient comes back (the shift c
 tick, so it is a `lax.switch` over the N static shifts on a tick-uniform index). The owner
 applies the final norm, head and loss with its own labels. Loss and head gradients are summed
 over devices (`psum`) at the end. Buffers are always written before they are read within a
-tick, and the stash is written outside the program switch: otherwise XLA copies the whole
-stash every tick to keep its in-place updates legal.
+tick, and each training program writes the stash under its own two-way `cond` rather than as
+one branch of a switch: XLA copies a buffer whole in every branch when several branches of one
+conditional update it in place.
 """
 
 from __future__ import annotations
@@ -260,13 +262,16 @@ class RingPipeline:
                 sizes[dt] = max(sizes.get(dt, 0), n)
         return sizes
 
-    def _pack(self, kept, sizes):
-        out = {}
-        for name, size in sizes.items():
-            parts = [k.reshape(-1) for k in kept if str(jnp.dtype(k.dtype)) == name]
-            flat = jnp.concatenate(parts) if parts else jnp.zeros((0,), name)
-            out[name] = jnp.pad(flat, (0, size - flat.shape[0]))
-        return out
+    def _stash_write(self, stash, slot, kept):
+        """Write this program's residuals into stash row `slot`, each straight to its offset (the
+        layout `_unpack` reads); concatenating them first cost one more copy of every residual."""
+        offsets = {name: 0 for name in stash}
+        stash = dict(stash)
+        for leaf in kept:
+            name = str(jnp.dtype(leaf.dtype))
+            stash[name] = jax.lax.dynamic_update_slice(stash[name], leaf.reshape(1, -1), (slot, offsets[name]))
+            offsets[name] += leaf.size
+        return stash
 
     def _unpack(self, prog, stash, slot):
         """This program's residuals of stash row `slot`, each read straight from the stash (a
@@ -325,10 +330,9 @@ class RingPipeline:
         S = self.schedule.slots
         hshape = (mb, seq, H)
 
-        def fwd_branch(prog):
+        def frozen_branch(prog):
             def run(blocks, peft, h, bias):
-                out, kept = self._stage_fwd(prog, blocks, peft, h, bias)
-                return (out, self._pack(kept, sizes)) if prog.trains else out
+                return self._stage_fwd(prog, blocks, peft, h, bias)[0]
             return run
 
         def bwd_branch(prog):
@@ -336,13 +340,12 @@ class RingPipeline:
                 return self._stage_bwd(prog, blocks, peft, self._unpack(prog, stash, slot), bias, g)
             return run
 
-        # Frozen and training programs are separate switches: a training one returns residuals
-        # to keep, written into the stash outside the switch (an in-place write inside switch
-        # branches makes XLA copy the whole stash); a frozen one keeps nothing.
+        # Frozen programs are one switch (they keep nothing). Training programs write their
+        # residuals into the stash, each under its own two-way cond: when two or more branches of
+        # one conditional update a buffer in place, XLA copies the whole buffer in every branch.
         training = [p for p in self.branches if p.trains]
         frozen_progs = [p for p in self.branches if not p.trains]
-        fwd_train = [fwd_branch(p) for p in training]
-        fwd_frozen = [fwd_branch(p) for p in frozen_progs]
+        fwd_frozen = [frozen_branch(p) for p in frozen_progs]
         index = [training.index(p) if p.trains else frozen_progs.index(p) for p in self.programs]
         local_index = jnp.asarray(np.array(index, np.int32))[d]
         trains_here = jnp.asarray(np.array([p.trains for p in self.programs]))[d]
@@ -382,8 +385,16 @@ class RingPipeline:
                 h_in = jax.lax.cond(d == 0, embedded, lambda: act[m])
 
                 def train_path(stash):
-                    h_out, packed = jax.lax.switch(local_index, fwd_train, blocks, peft, h_in, bias)
-                    return h_out, {k: jax.lax.dynamic_update_index_in_dim(stash[k], packed[k], slot, 0) for k in stash}
+                    h_out = h_in
+                    for j, prog in enumerate(training):
+                        def run(carry, prog=prog):
+                            h_out, kept = self._stage_fwd(prog, blocks, peft, h_in, bias)
+                            return h_out, self._stash_write(carry[1], slot, kept)
+
+                        if len(training) == 1:
+                            return run((h_out, stash))
+                        h_out, stash = jax.lax.cond(local_index == j, run, lambda carry: carry, (h_out, stash))
+                    return h_out, stash
 
                 def frozen_path(stash):
                     return jax.lax.switch(local_index, fwd_frozen, blocks, peft, h_in, bias), stash
