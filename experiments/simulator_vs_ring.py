@@ -109,7 +109,6 @@ def action_programs(pipe, trainable: dict, frozen: dict, host_batch: dict, devic
     staged_peft = jax.tree.map(np.asarray, pipe.stage_tree(trainable["peft"]["blocks"]))
     slab = lambda tree, d: jax.tree.map(lambda x: x[d * S:(d + 1) * S], tree)  # noqa: E731
     stash = stash_shapes(pipe, trainable, frozen, mb, seq)
-    sizes = {k: shape[1] for k, shape in stash.items()}
     slots = pipe.schedule.slots
 
     def empty_stash(device):
@@ -136,11 +135,7 @@ def action_programs(pipe, trainable: dict, frozen: dict, host_batch: dict, devic
             bias = attention_bias(micro["attention_mask"], cfg.causal)
             if first:
                 h = embed_tokens(cfg, {"embed": embed_p}, micro)
-            out, kept = pipe._stage_fwd(prog, blocks, peft, h, bias)
-            if not prog.trains:
-                return out, stash
-            packed = pipe._pack(kept, sizes)
-            return out, {k: jax.lax.dynamic_update_index_in_dim(stash[k], packed[k], slot, 0) for k in stash}
+            return pipe.stage_forward(prog, blocks, peft, h, bias, stash, slot)
 
         fwd = jax.jit(fwd, donate_argnums=5)
         copies, stashes = [], []
@@ -162,7 +157,7 @@ def action_programs(pipe, trainable: dict, frozen: dict, host_batch: dict, devic
         if prog.trains:
             def bwd(blocks, peft, stash, slot, mask, g, prog=prog):
                 bias = attention_bias(mask, cfg.causal)
-                return pipe._stage_bwd(prog, blocks, peft, pipe._unpack(prog, stash, slot), bias, g)
+                return pipe.stage_backward(prog, blocks, peft, stash, slot, bias, g)
 
             bwd = jax.jit(bwd)
             programs[("bwd", d)] = [
@@ -206,10 +201,10 @@ def fresh_memory_program(nbytes: int):
 
 def stash_shapes(pipe, trainable: dict, frozen: dict, mb: int, seq: int) -> dict:
     """{dtype: (slots, n)}: the engine's per-device residual stash, `pipe.schedule.slots` rows of
-    each dtype's packed residuals of the largest training program (`RingPipeline._residual_layout`)."""
+    each dtype's residuals of the largest training program (`RingPipeline.residual_sizes`)."""
     S = pipe.placement.max_size
     first_stage = jax.tree.map(lambda x: x[:S], (pipe.stage_tree(frozen["blocks"]), pipe.stage_tree(trainable["peft"]["blocks"])))
-    sizes = pipe._residual_layout(*first_stage, (mb, seq))
+    sizes = pipe.residual_sizes(*first_stage, (mb, seq))
     return {k: (pipe.schedule.slots, n) for k, n in sizes.items()}
 
 

@@ -62,13 +62,13 @@ def action_flops(pipe: RingPipeline, params: dict, batch_size: int, seq: int) ->
     embed_flops = _cost(lambda e, i, m: embed(cfg, {"embed": e}, {"input_ids": i, "attention_mask": m}),
                         _abstract(params["embed"]), ids, ids)
     bias_flops = _cost(lambda m: attention_bias(m, cfg.causal), ids)
+    stash = {k: jax.ShapeDtypeStruct((1, n), k) for k, n in units.residual_sizes(blocks, peft, (mb, seq)).items()}
     for d, prog in enumerate(pipe.programs):
-        fwd = _cost(lambda b, p, h, bias, prog=prog: units._stage_fwd(prog, b, p, h, bias), blocks, peft, h, bias)
+        fwd = _cost(lambda b, p, h, bias, s, prog=prog: units.stage_forward(prog, b, p, h, bias, s, 0), blocks, peft, h, bias, stash)
         costs[("fwd", d)] = fwd + bias_flops + (embed_flops if d == 0 else 0.0)
-        if prog.trains:
-            kept = jax.eval_shape(lambda b, p, h, bias, prog=prog: units._stage_fwd(prog, b, p, h, bias)[1], blocks, peft, h, bias)
+        if prog.trains:  # (the forward above recorded the residual layout the backward reads)
             costs[("bwd", d)] = bias_flops + _cost(
-                lambda b, p, k, bias, g, prog=prog: units._stage_bwd(prog, b, p, k, bias, g), blocks, peft, kept, bias, h)
+                lambda b, p, s, bias, g, prog=prog: units.stage_backward(prog, b, p, s, 0, bias, g), blocks, peft, stash, bias, h)
 
     def head_loss(hp, x, mask, labels, final, emb):
         x = pipe._arch.final(cfg, final, x)

@@ -11,17 +11,17 @@ A step is a `lax.scan` over the ticks of a `PipelineSchedule` (see schedules.py)
 every device reads its row of the schedule's tables and runs at most one of:
 - forward: `lax.cond` on "my action is fwd", then the device's stage program, picked among
   the distinct programs by device index (a program is: number of blocks, unfreeze cut inside
-  the stage, whether the input gradient is needed). Frozen layers run plainly; the trainable
-  suffix runs under `jax.vjp`, and the pullback's residuals (minus the weights and adapters,
-  which the backward tick has anyway) are written straight into this microbatch's slot of a
-  per-device stash. With
+  the stage, whether the input gradient is needed). Frozen layers run plainly; each block of
+  the trainable suffix runs under its own `jax.vjp` in a layer scan, and its pullback's
+  residuals (minus the weights and adapters, which the backward tick has anyway) are written
+  straight into this microbatch's row of a per-device stash. With
   `residuals="recompute"` only the activation at the cut is kept and the backward tick
   re-runs the suffix's forward. Frozen programs keep nothing;
-- backward: `lax.cond` on "my action is bwd", then the program's pullback rebuilt from the
-  stash (each residual read straight from its slot: reading the whole slot first copied it),
-  giving adapter gradients (accumulated) and, only where the stage below trains, the
-  input gradient. The vjp is wrt the adapters (and the input where needed), never wrt the
-  frozen weights, so no weight gradients are computed.
+- backward: `lax.cond` on "my action is bwd", then a reverse layer scan of the blocks'
+  pullbacks rebuilt from the stash (each residual read straight from its row), giving adapter
+  gradients (accumulated) and, only where the stage below trains, the input gradient. The
+  vjp is wrt the adapters (and the input where needed), never wrt the frozen weights, so no
+  weight gradients are computed.
 Conditions on device-varying predicates run only the taken branch, so idle ticks (bubbles),
 frozen stages and devices without head work cost no compute. Stages wholly below the unfreeze
 depth get no backward actions at all, and the depth is static: each depth compiles its own,
@@ -60,7 +60,7 @@ from ringjax.parallel.schedules import BWD, FWD, PipelineSchedule, build_schedul
 from ringjax.peft.config import PeftConfig
 
 RESIDUAL_MODES = ("keep", "recompute")
-_RESIDUAL_SIZES: dict = {}  # (model, program, shapes) -> residual elements per dtype
+_RESIDUAL_SIZES: dict = {}  # (model, shapes) -> residual elements of one trainable block, per dtype
 DATA_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels", "example_mask")
 
 
@@ -127,7 +127,8 @@ class RingPipeline:
         self.branches = list(dict.fromkeys(self.programs))  # each distinct program is one switch branch
         self.schedule: PipelineSchedule = build_schedule(schedule, N, self.M, [p.trains for p in self.programs])
         self.tables = self.schedule.engine_tables()
-        self._plans: dict[StageProgram, tuple] = {}  # residual layout of each trainable program
+        self._block_plans: dict[bool, tuple] = {}  # residual layout of a trainable block, by "needs dx"
+        self._unit: dict = {}  # stash elements per trainable block, per dtype
         self._pad = np.array(placement.padded_index(), np.int32)
         self._unpad = np.array(placement.unpadded_index(), np.int32)
         self._arch = arch(cfg)
@@ -189,23 +190,16 @@ class RingPipeline:
             return h
         return run_blocks(self.cfg, self.spec, W, Pf, h, bias, False, self.unroll)[0]
 
-    def _stage_fwd(self, prog: StageProgram, blocks, peft, h, bias):
-        """(output, residual leaves to keep) of one microbatch through one stage."""
-        W_frozen, P_frozen = self._layers(blocks, 0, prog.cut), self._layers(peft, 0, prog.cut)
-        h = self._run(W_frozen, P_frozen, h, bias)
-        if not prog.trains:
-            return h, []
-        W, Pf = self._layers(blocks, prog.cut, prog.size), self._layers(peft, prog.cut, prog.size)
-        f = lambda pf, h: self._run(W, pf, h, bias)  # noqa: E731
-        if self.residuals == "recompute":
-            self._plans[prog] = (None, None, [(h.shape, h.dtype)])
-            return f(Pf, h), [h]
-        if prog.dx:
-            out, vjp = jax.vjp(f, Pf, h)
-        else:
-            out, vjp = jax.vjp(lambda pf: f(pf, h), Pf)
+    def _block_vjp(self, W_l, P_l, h, bias, dx: bool):
+        """Output and pullback of one trainable block: wrt its adapters, and its input when `dx`."""
+        f = lambda pf, h: self._arch.block(self.cfg, W_l, h, bias, pf, self.spec)  # noqa: E731
+        return jax.vjp(f, P_l, h) if dx else jax.vjp(lambda pf: f(pf, h), P_l)
+
+    def _residuals(self, vjp, W_l, P_l, bias, dx: bool) -> list:
+        """The pullback's leaves to stash: all but the weights, adapters and bias, which the
+        backward tick has anyway. Records the layout `_pullback` rebuilds it from."""
         leaves, treedef = jax.tree.flatten(vjp)
-        avail = jax.tree.leaves((W, Pf)) + [bias]  # the backward tick has these anyway: never stashed
+        avail = jax.tree.leaves((W_l, P_l)) + [bias]
         plan, kept = [], []
         for leaf in leaves:
             hit = next((i for i, a in enumerate(avail) if leaf is a), None)
@@ -214,78 +208,132 @@ class RingPipeline:
                 kept.append(leaf)
             else:
                 plan.append(("avail", hit))
-        self._plans[prog] = (treedef, plan, [(k.shape, k.dtype) for k in kept])
-        return out, kept
+        self._block_plans[dx] = (treedef, plan, [(k.shape, k.dtype) for k in kept])
+        return kept
 
-    def _stage_bwd(self, prog: StageProgram, blocks, peft, kept, bias, g):
-        """(adapter gradients for the stage's padded slab, input gradient or zeros)."""
+    def _pullback(self, W_l, P_l, bias, dx: bool, kept: list):
+        treedef, plan, _ = self._block_plans[dx]
+        avail = jax.tree.leaves((W_l, P_l)) + [bias]
+        return jax.tree.unflatten(treedef, [avail[i] if src == "avail" else kept[i] for src, i in plan])
+
+    def _block_offsets(self, j) -> dict:
+        """Where trainable block j of a stage starts in a stash row, per dtype."""
+        return {name: j * n for name, n in self._unit.items()}
+
+    @staticmethod
+    def _write(stash: dict, slot, offsets: dict, leaves: list) -> dict:
+        """Write `leaves` one after another into stash row `slot`, from `offsets` on."""
+        stash, offsets = dict(stash), dict(offsets)
+        for leaf in leaves:
+            name = str(jnp.dtype(leaf.dtype))
+            stash[name] = jax.lax.dynamic_update_slice(stash[name], leaf.reshape(1, -1), (slot, offsets[name]))
+            offsets[name] = offsets[name] + leaf.size
+        return stash
+
+    @staticmethod
+    def _read(stash: dict, slot, offsets: dict, layout: list) -> list:
+        """The leaves of `layout` ((shape, dtype) pairs) from stash row `slot`, from `offsets` on."""
+        offsets, leaves = dict(offsets), []
+        for shape, dtype in layout:
+            name, n = str(jnp.dtype(dtype)), int(np.prod(shape))
+            leaves.append(jax.lax.dynamic_slice(stash[name], (slot, offsets[name]), (1, n)).reshape(shape))
+            offsets[name] = offsets[name] + n
+        return leaves
+
+    def stage_forward(self, prog: StageProgram, blocks, peft, h, bias, stash: dict, slot):
+        """One microbatch through one stage: (output, stash with the microbatch's residuals in row `slot`).
+
+        The trainable blocks run one `jax.vjp` each inside a layer scan that writes each block's
+        residuals straight into the stash, so they are written once, where the backward tick
+        reads them (a vjp of the whole layer scan stacks them first, and copying that stack into
+        the stash cost a second write and a second read of every residual)."""
+        h = self._run(self._layers(blocks, 0, prog.cut), self._layers(peft, 0, prog.cut), h, bias)
+        if not prog.trains:
+            return h, stash
         W, Pf = self._layers(blocks, prog.cut, prog.size), self._layers(peft, prog.cut, prog.size)
         if self.residuals == "recompute":
-            (h,) = kept
-            f = lambda pf, h: self._run(W, pf, h, bias)  # noqa: E731
-            if prog.dx:
-                _, vjp = jax.vjp(f, Pf, h)
-            else:
-                _, vjp = jax.vjp(lambda pf: f(pf, h), Pf)
-        else:
-            treedef, plan, _ = self._plans[prog]
-            avail = jax.tree.leaves((W, Pf)) + [bias]
-            vjp = jax.tree.unflatten(treedef, [avail[i] if src == "avail" else kept[i] for src, i in plan])
-        cts = vjp(g)
-        g_h = cts[1] if prog.dx else jnp.zeros_like(g)
-        pad = ((prog.cut, self.placement.max_size - prog.size),)
-        g_peft = jax.tree.map(lambda x: jnp.pad(x, pad + ((0, 0),) * (x.ndim - 1)), cts[0])
-        return g_peft, g_h
+            return self._run(W, Pf, h, bias), self._write(stash, slot, {name: 0 for name in stash}, [h])
+        first = 0 if prog.dx else 1  # a stage whose input needs no gradient: its lowest block has no dx
+        if first:
+            W_l, P_l = self._layers(W, 0, 1), self._layers(Pf, 0, 1)
+            W_l, P_l = jax.tree.map(lambda x: x[0], (W_l, P_l))
+            h, vjp = self._block_vjp(W_l, P_l, h, bias, False)
+            stash = self._write(stash, slot, self._block_offsets(0), self._residuals(vjp, W_l, P_l, bias, False))
+        n = prog.size - prog.cut
+        if n > first:
+            def block(carry, layer):
+                h, stash = carry
+                W_l, P_l, j = layer
+                h, vjp = self._block_vjp(W_l, P_l, h, bias, True)
+                return (h, self._write(stash, slot, self._block_offsets(j), self._residuals(vjp, W_l, P_l, bias, True))), None
 
-    # ---- residual packing ---------------------------------------------------------------
-    def _residual_layout(self, local_blocks, local_peft, mb_shape):
-        """Size the per-dtype residual slots: the largest residual set of any training program."""
-        abstract = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)  # noqa: E731
-        local_blocks, local_peft = abstract(local_blocks), abstract(local_peft)
+            layers = (self._layers(W, first, n), self._layers(Pf, first, n), jnp.arange(first, n, dtype=jnp.int32))
+            (h, stash), _ = jax.lax.scan(block, (h, stash), layers, unroll=self.unroll)
+        return h, stash
+
+    def stage_backward(self, prog: StageProgram, blocks, peft, stash: dict, slot, bias, g):
+        """(adapter gradients for the stage's padded slab, input gradient or zeros) of the
+        microbatch whose residuals are in stash row `slot`."""
+        W, Pf = self._layers(blocks, prog.cut, prog.size), self._layers(peft, prog.cut, prog.size)
+        if self.residuals == "recompute":
+            (h,) = self._read(stash, slot, {name: 0 for name in stash}, [(g.shape, g.dtype)])
+            f = lambda pf, h: self._run(W, pf, h, bias)  # noqa: E731
+            _, vjp = jax.vjp(f, Pf, h) if prog.dx else jax.vjp(lambda pf: f(pf, h), Pf)
+            cts = vjp(g)
+            g_peft, g_h = cts[0], (cts[1] if prog.dx else jnp.zeros_like(g))
+        else:
+            first, n = (0 if prog.dx else 1), prog.size - prog.cut
+            parts = []
+            if n > first:
+                def block(g, layer):
+                    W_l, P_l, j = layer
+                    kept = self._read(stash, slot, self._block_offsets(j), self._block_plans[True][2])
+                    g_p, g = self._pullback(W_l, P_l, bias, True, kept)(g)
+                    return g, g_p
+
+                layers = (self._layers(W, first, n), self._layers(Pf, first, n), jnp.arange(first, n, dtype=jnp.int32))
+                g, g_rest = jax.lax.scan(block, g, layers, reverse=True, unroll=self.unroll)
+                parts.append(g_rest)
+            if first:
+                W_l, P_l = jax.tree.map(lambda x: x[0], (self._layers(W, 0, 1), self._layers(Pf, 0, 1)))
+                kept = self._read(stash, slot, self._block_offsets(0), self._block_plans[False][2])
+                (g_p,) = self._pullback(W_l, P_l, bias, False, kept)(g)
+                parts.insert(0, jax.tree.map(lambda x: x[None], g_p))
+                g = jnp.zeros_like(g)
+            g_peft = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts) if len(parts) > 1 else parts[0]
+            g_h = g
+        pad = ((prog.cut, self.placement.max_size - prog.size),)
+        return jax.tree.map(lambda x: jnp.pad(x, pad + ((0, 0),) * (x.ndim - 1)), g_peft), g_h
+
+    # ---- residual layout ----------------------------------------------------------------
+    def residual_sizes(self, local_blocks, local_peft, mb_shape) -> dict:
+        """{dtype: elements} of one stash row: the largest residual set of any training program
+        (keep: its trainable blocks times the per-block size; recompute: the stage input)."""
+        if not any(p.trains for p in self.programs):
+            return {}
         h = jax.ShapeDtypeStruct((*mb_shape, self.cfg.hidden_size), jnp.float32)
+        if self.residuals == "recompute":
+            self._unit = {}
+            return {str(h.dtype): int(np.prod(h.shape))}
+        abstract = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), t)  # noqa: E731
+        W_l, P_l = abstract(local_blocks), abstract(local_peft)
         bias = jax.ShapeDtypeStruct((mb_shape[0], 1, mb_shape[1], mb_shape[1]), jnp.float32)
-        sizes: dict = {}
-        for prog in self.branches:
-            if not prog.trains:
-                continue
-            params = (local_blocks, local_peft)
-            key = (self.cfg, self.spec, prog, self.residuals, self.unroll, h.shape, jax.tree.structure(params),
-                   tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(params)))
-            if key not in _RESIDUAL_SIZES:  # tracing a stage's vjp is slow: once per program and shape
-                kept = jax.eval_shape(lambda b, p, h, bias: self._stage_fwd(prog, b, p, h, bias)[1],
-                                      local_blocks, local_peft, h, bias)
+        key = (self.cfg, self.spec, h.shape, jax.tree.structure((W_l, P_l)),
+               tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves((W_l, P_l))))
+        if key not in _RESIDUAL_SIZES:  # tracing a block's vjp is slow: once per model and shape
+            unit: dict = {}
+            for dx in (False, True):
+                kept = jax.eval_shape(lambda W, P, h, bias: self._residuals(self._block_vjp(W, P, h, bias, dx)[1], W, P, bias, dx),
+                                      W_l, P_l, h, bias)
                 per: dict = {}
                 for k in kept:
                     per[str(jnp.dtype(k.dtype))] = per.get(str(jnp.dtype(k.dtype)), 0) + int(np.prod(k.shape))
-                _RESIDUAL_SIZES[key] = per
-            for dt, n in _RESIDUAL_SIZES[key].items():
-                sizes[dt] = max(sizes.get(dt, 0), n)
-        return sizes
-
-    def _stash_write(self, stash, slot, kept):
-        """Write this program's residuals into stash row `slot`, each straight to its offset (the
-        layout `_unpack` reads); concatenating them first cost one more copy of every residual."""
-        offsets = {name: 0 for name in stash}
-        stash = dict(stash)
-        for leaf in kept:
-            name = str(jnp.dtype(leaf.dtype))
-            stash[name] = jax.lax.dynamic_update_slice(stash[name], leaf.reshape(1, -1), (slot, offsets[name]))
-            offsets[name] += leaf.size
-        return stash
-
-    def _unpack(self, prog, stash, slot):
-        """This program's residuals of stash row `slot`, each read straight from the stash (a
-        whole-row read first would copy every residual twice)."""
-        _, _, layout = self._plans[prog]
-        offsets = {name: 0 for name in stash}
-        kept = []
-        for shape, dtype in layout:
-            name = str(jnp.dtype(dtype))
-            n = int(np.prod(shape))
-            piece = jax.lax.dynamic_slice(stash[name], (slot, offsets[name]), (1, n))
-            kept.append(piece.reshape(shape))
-            offsets[name] += n
-        return kept
+                for name, n in per.items():
+                    unit[name] = max(unit.get(name, 0), n)
+            _RESIDUAL_SIZES[key] = unit
+        self._unit = _RESIDUAL_SIZES[key]
+        blocks = max(p.size - p.cut for p in self.programs if p.trains)
+        return {name: blocks * n for name, n in self._unit.items()}
 
     # ---- the step -----------------------------------------------------------------------
     def loss_and_grads(self, trainable: dict, frozen: dict, data: dict):
@@ -326,18 +374,18 @@ class RingPipeline:
         else:
             count = float(M * mb)
 
-        sizes = self._residual_layout(blocks, peft, (mb, seq))
+        sizes = self.residual_sizes(blocks, peft, (mb, seq))
         S = self.schedule.slots
         hshape = (mb, seq, H)
 
         def frozen_branch(prog):
             def run(blocks, peft, h, bias):
-                return self._stage_fwd(prog, blocks, peft, h, bias)[0]
+                return self.stage_forward(prog, blocks, peft, h, bias, {}, 0)[0]
             return run
 
         def bwd_branch(prog):
             def run(blocks, peft, stash, slot, bias, g):
-                return self._stage_bwd(prog, blocks, peft, self._unpack(prog, stash, slot), bias, g)
+                return self.stage_backward(prog, blocks, peft, stash, slot, bias, g)
             return run
 
         # Frozen programs are one switch (they keep nothing). Training programs write their
@@ -388,8 +436,7 @@ class RingPipeline:
                     h_out = h_in
                     for j, prog in enumerate(training):
                         def run(carry, prog=prog):
-                            h_out, kept = self._stage_fwd(prog, blocks, peft, h_in, bias)
-                            return h_out, self._stash_write(carry[1], slot, kept)
+                            return self.stage_forward(prog, blocks, peft, h_in, bias, carry[1], slot)
 
                         if len(training) == 1:
                             return run((h_out, stash))
