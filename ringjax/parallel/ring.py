@@ -255,8 +255,7 @@ class RingPipeline:
             return self._run(W, Pf, h, bias), self._write(stash, slot, {name: 0 for name in stash}, [h])
         first = 0 if prog.dx else 1  # a stage whose input needs no gradient: its lowest block has no dx
         if first:
-            W_l, P_l = self._layers(W, 0, 1), self._layers(Pf, 0, 1)
-            W_l, P_l = jax.tree.map(lambda x: x[0], (W_l, P_l))
+            W_l, P_l = jax.tree.map(lambda x: x[0], (W, Pf))
             h, vjp = self._block_vjp(W_l, P_l, h, bias, False)
             stash = self._write(stash, slot, self._block_offsets(0), self._residuals(vjp, W_l, P_l, bias, False))
         n = prog.size - prog.cut
@@ -295,7 +294,7 @@ class RingPipeline:
                 g, g_rest = jax.lax.scan(block, g, layers, reverse=True, unroll=self.unroll)
                 parts.append(g_rest)
             if first:
-                W_l, P_l = jax.tree.map(lambda x: x[0], (self._layers(W, 0, 1), self._layers(Pf, 0, 1)))
+                W_l, P_l = jax.tree.map(lambda x: x[0], (W, Pf))
                 kept = self._read(stash, slot, self._block_offsets(0), self._block_plans[False][2])
                 (g_p,) = self._pullback(W_l, P_l, bias, False, kept)(g)
                 parts.insert(0, jax.tree.map(lambda x: x[None], g_p))
@@ -433,13 +432,13 @@ class RingPipeline:
                 h_in = jax.lax.cond(d == 0, embedded, lambda: act[m])
 
                 def train_path(stash):
+                    if len(training) == 1:
+                        return self.stage_forward(training[0], blocks, peft, h_in, bias, stash, slot)
                     h_out = h_in
                     for j, prog in enumerate(training):
                         def run(carry, prog=prog):
                             return self.stage_forward(prog, blocks, peft, h_in, bias, carry[1], slot)
 
-                        if len(training) == 1:
-                            return run((h_out, stash))
                         h_out, stash = jax.lax.cond(local_index == j, run, lambda carry: carry, (h_out, stash))
                     return h_out, stash
 
