@@ -125,10 +125,10 @@ class RingPipeline:
             for a, s in zip(placement.starts, placement.sizes)
         ]
         self.branches = list(dict.fromkeys(self.programs))  # each distinct program is one switch branch
+        self._train_blocks = max((p.size - p.cut for p in self.programs), default=0)  # most trainable blocks of any stage
         self.schedule: PipelineSchedule = build_schedule(schedule, N, self.M, [p.trains for p in self.programs])
         self.tables = self.schedule.engine_tables()
         self._block_plans: dict[bool, tuple] = {}  # residual layout of a trainable block, by "needs dx"
-        self._unit: dict = {}  # stash elements per trainable block, per dtype
         self._pad = np.array(placement.padded_index(), np.int32)
         self._unpad = np.array(placement.unpadded_index(), np.int32)
         self._arch = arch(cfg)
@@ -216,9 +216,10 @@ class RingPipeline:
         avail = jax.tree.leaves((W_l, P_l)) + [bias]
         return jax.tree.unflatten(treedef, [avail[i] if src == "avail" else kept[i] for src, i in plan])
 
-    def _block_offsets(self, j) -> dict:
-        """Where trainable block j of a stage starts in a stash row, per dtype."""
-        return {name: j * n for name, n in self._unit.items()}
+    def _block_offsets(self, stash: dict, j) -> dict:
+        """Where trainable block j of a stage starts in a stash row, per dtype (a row holds
+        `_train_blocks` equal block slots, `residual_sizes`)."""
+        return {name: j * (buf.shape[1] // self._train_blocks) for name, buf in stash.items()}
 
     @staticmethod
     def _write(stash: dict, slot, offsets: dict, leaves: list) -> dict:
@@ -257,14 +258,14 @@ class RingPipeline:
         if first:
             W_l, P_l = jax.tree.map(lambda x: x[0], (W, Pf))
             h, vjp = self._block_vjp(W_l, P_l, h, bias, False)
-            stash = self._write(stash, slot, self._block_offsets(0), self._residuals(vjp, W_l, P_l, bias, False))
+            stash = self._write(stash, slot, self._block_offsets(stash, 0), self._residuals(vjp, W_l, P_l, bias, False))
         n = prog.size - prog.cut
         if n > first:
             def block(carry, layer):
                 h, stash = carry
                 W_l, P_l, j = layer
                 h, vjp = self._block_vjp(W_l, P_l, h, bias, True)
-                return (h, self._write(stash, slot, self._block_offsets(j), self._residuals(vjp, W_l, P_l, bias, True))), None
+                return (h, self._write(stash, slot, self._block_offsets(stash, j), self._residuals(vjp, W_l, P_l, bias, True))), None
 
             layers = (self._layers(W, first, n), self._layers(Pf, first, n), jnp.arange(first, n, dtype=jnp.int32))
             (h, stash), _ = jax.lax.scan(block, (h, stash), layers, unroll=self.unroll)
@@ -286,7 +287,7 @@ class RingPipeline:
             if n > first:
                 def block(g, layer):
                     W_l, P_l, j = layer
-                    kept = self._read(stash, slot, self._block_offsets(j), self._block_plans[True][2])
+                    kept = self._read(stash, slot, self._block_offsets(stash, j), self._block_plans[True][2])
                     g_p, g = self._pullback(W_l, P_l, bias, True, kept)(g)
                     return g, g_p
 
@@ -295,7 +296,7 @@ class RingPipeline:
                 parts.append(g_rest)
             if first:
                 W_l, P_l = jax.tree.map(lambda x: x[0], (W, Pf))
-                kept = self._read(stash, slot, self._block_offsets(0), self._block_plans[False][2])
+                kept = self._read(stash, slot, self._block_offsets(stash, 0), self._block_plans[False][2])
                 (g_p,) = self._pullback(W_l, P_l, bias, False, kept)(g)
                 parts.insert(0, jax.tree.map(lambda x: x[None], g_p))
                 g = jnp.zeros_like(g)
@@ -312,7 +313,6 @@ class RingPipeline:
             return {}
         h = jax.ShapeDtypeStruct((*mb_shape, self.cfg.hidden_size), jnp.float32)
         if self.residuals == "recompute":
-            self._unit = {}
             return {str(h.dtype): int(np.prod(h.shape))}
         abstract = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), t)  # noqa: E731
         W_l, P_l = abstract(local_blocks), abstract(local_peft)
@@ -330,9 +330,7 @@ class RingPipeline:
                 for name, n in per.items():
                     unit[name] = max(unit.get(name, 0), n)
             _RESIDUAL_SIZES[key] = unit
-        self._unit = _RESIDUAL_SIZES[key]
-        blocks = max(p.size - p.cut for p in self.programs if p.trains)
-        return {name: blocks * n for name, n in self._unit.items()}
+        return {name: self._train_blocks * n for name, n in _RESIDUAL_SIZES[key].items()}
 
     # ---- the step -----------------------------------------------------------------------
     def loss_and_grads(self, trainable: dict, frozen: dict, data: dict):
