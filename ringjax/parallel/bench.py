@@ -2,7 +2,9 @@
 
 Method (what the numbers mean):
 - seconds_per_step: median wall time of whole optimizer steps (ring and single-device steps
-  alternate, round after round, so drift on a shared machine hits both alike).
+  alternate, round after round, so drift on a shared machine hits both alike). The
+  single-device step runs in a child process that sees one device (`ringjax.bench_alone`):
+  beside emulated devices it runs 20-27% slower, which would flatter the ring.
 - flops: XLA's `cost_analysis()`. XLA counts a while-loop body once and a conditional as its
   most expensive branch, so neither whole program can be analysed as is. The single-device
   step is analysed with its layer scan unrolled (the same computation). A ring device's FLOPs
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ringjax.bench import compiled_flops, peak_bytes, single_device_step
+from ringjax.bench_alone import AloneStep
 from ringjax.errors import RingjaxError
 from ringjax.models.backbone import embed
 from ringjax.models.heads import apply_head, example_losses
@@ -111,9 +114,9 @@ def bench_ring(model: str = "minilm", devices: int = 4, microbatches: int = 8, b
     trainable, frozen = split(params, leaf_mask(params, spec))
 
     # the single-device step with every block trainable: the reference (scan, and its unrolled twin for FLOPs)
-    s_compiled, s_state, s_frozen, s_batch = single_device_step(model, peft, batch, seq)
+    s_compiled, _, _, s_batch = single_device_step(model, peft, batch, seq)
     s_flops = compiled_flops(single_device_step(model, peft, batch, seq, unroll=True)[0])
-    host_batch = {k: np.asarray(v) for k, v in s_batch.items()}
+    host_batch = {k: np.asarray(v) for k, v in s_batch.items()}  # the batch the child process times too
 
     # the optimizer update every ring device runs (replicated)
     factors = layer_mask(params, spec, L, L)
@@ -141,17 +144,14 @@ def bench_ring(model: str = "minilm", devices: int = 4, microbatches: int = 8, b
     s_times = []
     for r in runs:  # warm up
         r["state"], _ = jax.block_until_ready(r["compiled"](r["state"], r["frozen"], r["data"]))
-    s_state, _ = jax.block_until_ready(s_compiled(s_state, s_frozen, s_batch))
-    for _ in range(repeats):
-        t = time.perf_counter()
-        s_state, out = s_compiled(s_state, s_frozen, s_batch)
-        jax.block_until_ready(out)
-        s_times.append(time.perf_counter() - t)
-        for r in runs:
-            t = time.perf_counter()
-            r["state"], out = r["compiled"](r["state"], r["frozen"], r["data"])
-            jax.block_until_ready(out)
-            r["times"].append(time.perf_counter() - t)
+    with AloneStep(model, peft, batch, seq) as alone:
+        for _ in range(repeats):
+            s_times.append(alone.seconds())
+            for r in runs:
+                t = time.perf_counter()
+                r["state"], out = r["compiled"](r["state"], r["frozen"], r["data"])
+                jax.block_until_ready(out)
+                r["times"].append(time.perf_counter() - t)
 
     return {
         "single_device": {"seconds_per_step": statistics.median(s_times), "flops": s_flops, "peak_bytes": peak_bytes(s_compiled)},
