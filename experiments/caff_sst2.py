@@ -33,7 +33,7 @@ FLEET = yaml.safe_load(FLEET_FILE.read_text())  # also read by caff_timing.py
 METHODS = ("caff", "uniform-t", "fedlora", "fedavg-full")
 # settings a finished OUT/<method>.json must share with this invocation to be reused
 RUN_KEYS = ("model", "data_dir", "fleet", "clients", "per_round", "rounds", "local_steps", "batch_size", "max_length",
-            "alpha", "lr", "lora_lr", "server_momentum", "server_lr", "server_ema", "logit_adjust", "eval_every", "seed", "max_train_examples", "max_eval_examples")
+            "alpha", "pooling", "lr", "lora_lr", "server_momentum", "server_lr", "server_ema", "logit_adjust", "eval_every", "seed", "max_train_examples", "max_eval_examples")
 
 
 def main() -> None:
@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label skew; 0: IID")
+    parser.add_argument("--pooling", choices=("cls", "mean"), default="cls",
+                        help="classifier input: the [CLS] state through BERT's pooler, or the mean over real tokens (MiniLM's own pooling)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--lora-lr", type=float, default=1e-3)
     parser.add_argument("--server-momentum", type=float, default=0.0, help="FedAvgM server momentum for every method (0: plain averaging)")
@@ -107,7 +109,8 @@ def run_methods(args, out: Path, methods: list[str], settings: dict) -> None:
     from ringjax.fl.costs import CostModel
     from ringjax.methods.caff import tier_depths
 
-    model = ringjax.load_model(args.model, head="classification", peft="top-t", seed=args.seed)
+    head = ringjax.HeadConfig("classification", pooling=args.pooling)
+    model = ringjax.load_model(args.model, head=head, peft="top-t", seed=args.seed)
     tokenizer = ringjax.load_tokenizer(model.directory)
     t0 = time.perf_counter()
     train = encode(load_task_data("sst2", args.data_dir, "train", args.max_train_examples, args.seed), tokenizer, args.max_length)
