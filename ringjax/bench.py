@@ -1,5 +1,6 @@
-"""Benchmarks that print JSON. Ratios are measured side by side in one process, since the
-machines this runs on are shared and their absolute speed drifts."""
+"""Benchmarks that print JSON. Ratios are measured side by side in one run, alternating, since
+the machines this runs on are shared and their absolute speed drifts (a single-device reference
+next to emulated devices runs in a process of its own: `ringjax.bench_alone`)."""
 
 from __future__ import annotations
 
