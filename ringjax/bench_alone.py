@@ -6,7 +6,8 @@ against 0.80 s alone), so a reference timed beside the ring would flatter the ri
 keeps this process waiting on a pipe and asks it for one timed step at a time, alternating with
 its own measurements; while one side runs, the other is blocked on the pipe.
 
-Protocol: the child prints "ready D" (D: the devices it sees) once its step is compiled and warmed up, then answers each
+Protocol: the child prints "ready D P" (D: the devices it sees; P: its compiled step's peak bytes)
+once its step is compiled and warmed up, then answers each
 "step" line on stdin with "seconds S". Run as `python -m ringjax.bench_alone MODEL METHOD BATCH SEQ`.
 """
 
@@ -31,7 +32,8 @@ class AloneStep:
         env["XLA_FLAGS"] = _DEVICE_COUNT_FLAG.sub("", env.get("XLA_FLAGS", "")).strip()
         self._proc = subprocess.Popen([sys.executable, "-m", "ringjax.bench_alone", model, method, str(batch), str(seq)],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-        self.devices = int(self._expect("ready"))
+        devices, peak = self._expect("ready").split()
+        self.devices, self.peak_bytes = int(devices), int(peak)
 
     def _expect(self, word: str) -> str:
         for line in self._proc.stdout:  # anything else a library prints to stdout is skipped
@@ -62,12 +64,12 @@ class AloneStep:
 def serve(model: str, method: str, batch: int, seq: int) -> None:
     import jax
 
-    from ringjax.bench import single_device_step
+    from ringjax.bench import peak_bytes, single_device_step
 
     compiled, state, frozen, data = single_device_step(model, method, batch, seq)
     state, out = compiled(state, frozen, data)
     jax.block_until_ready(out)
-    print(f"ready {jax.device_count()}", flush=True)
+    print(f"ready {jax.device_count()} {peak_bytes(compiled)}", flush=True)
     for _ in sys.stdin:
         start = time.perf_counter()
         state, out = compiled(state, frozen, data)
