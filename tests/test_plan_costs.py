@@ -150,7 +150,7 @@ def test_step_costs_count_every_parameter_and_the_optimizer_state(method):
     assert cost.param_bytes == 4 * total
     assert cost.trainable_bytes == 4 * trainable
     assert cost.optimizer_bytes == 8 * trainable  # Adam's two moments
-    assert cost.flops > sum(b.train_flops for b in block_costs(cfg, spec, 4, 32, elementwise=False))
+    assert cost.flops > sum(b.train_flops for b in block_costs(cfg, spec, 4, 32, elementwise=False, first_only_top=True))
 
 
 def test_deft_block_costs_grow_with_depth_and_upload_only_the_block():
@@ -166,3 +166,16 @@ def test_deft_block_costs_grow_with_depth_and_upload_only_the_block():
     assert all(a.peak_bytes > b.peak_bytes for a, b in zip(costs[1:], costs[2:]))
     assert [c.upload_bytes for c in costs] == [4 * per_layer] * 11 + [4 * (per_layer + head)]
     assert costs[0].optimizer_flops == 0 and step_costs(BERT_BASE, spec, B, S).optimizer_flops > 0
+
+
+def test_a_first_position_top_block_costs_its_keys_and_values_and_one_row():
+    """Under [CLS] pooling the top layer projects keys and values for every token and everything
+    else for the first row: its forward matmuls drop from 24*T*h^2 + 4*T^2*h (FFN 4h) per example
+    to 4*T*h^2 + 20*h^2 + 4*T*h."""
+    whole = block_costs(BERT_BASE, Method(kind="full"), B, S, elementwise=False)
+    top = block_costs(BERT_BASE, Method(kind="full"), B, S, elementwise=False, first_only_top=True)
+    assert top[:-1] == whole[:-1]
+    h = BERT_BASE.hidden_size
+    assert whole[-1].fwd_flops == B * (24 * S * h * h + 4 * S * S * h)
+    assert top[-1].fwd_flops == B * (4 * S * h * h + 20 * h * h + 4 * S * h)
+    assert top[-1].residual_bytes < whole[-1].residual_bytes

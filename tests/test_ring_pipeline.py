@@ -204,14 +204,30 @@ def test_labels_are_never_an_operand_of_a_collective(tiny):
 
 
 def test_stash_is_written_in_place_never_copied_whole(tiny):
-    """Three distinct training programs (stages 2, 1, 2, 1, all unfrozen) each write their
-    residuals into the stash; if one conditional had several writing branches, XLA would copy
-    the whole (slots x residuals) stash in each of them on every tick."""
+    """Four distinct training programs (stages 2, 1, 2, 1, all unfrozen; the top stage's block
+    computes the [CLS] position only) each write their residuals into the stash; if one
+    conditional had several writing branches, XLA would copy the whole (slots x residuals) stash
+    in each of them on every tick."""
     cfg, spec, head, _, trainable, frozen = tiny
     pipe = RingPipeline(cfg, spec, head, make_stage_mesh(4), plan_stages(L, 4, (2, 1, 2, 1)), 4, 6, compiler_options=FAST)
-    assert len({p for p in pipe.programs if p.trains}) == 3
+    assert len({p for p in pipe.programs if p.trains}) == 4
     data = pipe.shard_batch(make_batch(False))
     text = jax.jit(pipe.loss_and_grads, compiler_options=FAST).lower(trainable, pipe.place_frozen(frozen), data).compile().as_text()
     stash_shaped = re.compile(rf"= f32\[{pipe.schedule.slots},\d{{4,}}\]\S* copy\(")
     assert "dynamic-update-slice" in text
     assert not [line for line in text.splitlines() if stash_shaped.search(line)]
+
+
+def test_ring_with_mean_pooling_equals_single_device(tiny):
+    """Mean pooling reads every position, so the top block runs whole there: that path matches too."""
+    cfg, spec, _, _, trainable, frozen = tiny
+    head = HeadConfig("classification", 2, pooling="mean")
+    batch = make_batch(True)
+    pipe = RingPipeline(cfg, spec, head, make_stage_mesh(2), plan_stages(L, 2, (4, 2)), 4, 3, compiler_options=FAST)
+    assert not any(p.first_only for p in pipe.programs)
+    loss, grads = jax.jit(pipe.loss_and_grads, compiler_options=FAST)(trainable, pipe.place_frozen(frozen), pipe.shard_batch(batch))
+    fn = jax.value_and_grad(partial(loss_fn, cfg=cfg, spec=spec, head=head, depth=3))
+    ref_loss, ref_grads = jax.jit(fn, compiler_options=FAST)(trainable, frozen, {k: jnp.asarray(v) for k, v in batch.items()})
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6, atol=1e-6)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)

@@ -261,7 +261,7 @@ def branch_flops(cfg: ModelConfig, spec: PeftConfig, head: HeadConfig, sizes, ba
         analysis = compiled.cost_analysis()
         analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
         model = step_costs(cfg, spec, batch, seq_len, trained=layers, head_trains=b == K - 1, optimizer=False,
-                           num_labels=head.outputs)
+                           num_labels=head.outputs, first_only_top=False)
         per_block.append({"layers": [layers.start, layers.stop], "xla_flops": float(analysis.get("flops", 0.0)),
                           "model_flops": model.flops})
     rows = []
@@ -305,7 +305,7 @@ def allocation_problem(cfg, spec, head: HeadConfig, profiles, sizes, batch: int,
     flops, memory, bits = [], [], []
     for b, layers in enumerate(block_ranges(sizes)):
         cost = step_costs(cfg, spec, batch, seq_len, trained=layers, head_trains=b == K - 1, optimizer=False,
-                          num_labels=head.outputs)
+                          num_labels=head.outputs, first_only_top=False)
         flops.append(cost.flops)
         memory.append(cost.peak_bytes)
         bits.append(8.0 * cost.upload_bytes)

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from ringjax.models.config import ModelConfig
-from ringjax.models.heads import HeadConfig
+from ringjax.models.heads import HeadConfig, reads_first_token
 from ringjax.parallel.mesh import make_stage_mesh, put_tree, replicated
 from ringjax.parallel.placement import Placement, plan_stages
 from ringjax.parallel.ring import RingPipeline
@@ -200,4 +200,5 @@ def ring_stages(config, model):
     profiles = load_fleet(config.fleet) if config.fleet else None
     return auto_stages(model.config, model.peft_config, config.devices, max(1, config.batch_size // config.microbatches),
                        config.max_length, config.microbatches, profiles,
-                       num_labels=model.head_config.num_labels)
+                       num_labels=model.head_config.num_labels,
+                       first_only_top=reads_first_token(model.config, model.head_config))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from ringjax.models import bert, gpt2, llama
 from ringjax.models.config import ModelConfig
-from ringjax.models.heads import HeadConfig, apply_head
+from ringjax.models.heads import HeadConfig, apply_head, reads_first_token
 from ringjax.models.layers import attention_bias
 from ringjax.peft.config import PeftConfig
 
@@ -39,13 +39,30 @@ def embed(cfg: ModelConfig, params, batch):
     return arch(cfg).embed(cfg, params["embed"], batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
 
 
+def top_block(cfg: ModelConfig, p, h, bias, peft, spec):
+    """The top block when the head reads only the first position (`reads_first_token`): that row
+    is computed and the others are zeros, so shapes downstream (pipeline messages, the head)
+    do not change."""
+    out = arch(cfg).block(cfg, p, h, bias, peft, spec, first_only=True)
+    return jnp.pad(out, ((0, 0), (0, h.shape[1] - out.shape[1]), (0, 0)))
+
+
 def run_blocks(cfg: ModelConfig, spec: PeftConfig, blocks, peft_blocks, h, bias, keep_taps: bool = False,
-               unroll: bool = False):
+               unroll: bool = False, first_only_top: bool = False):
     """Apply a stack of layers (any contiguous slice) with `lax.scan`; optionally return every output.
 
     `unroll=True` traces every layer separately. It runs slower on CPU here, but XLA's
     `cost_analysis()` counts a loop body once, so FLOP accounting compiles the unrolled twin.
+    `first_only_top`: the slice's last layer is the model's top and runs as `top_block`.
     """
+    if first_only_top:
+        if keep_taps:
+            raise ValueError("first_only_top leaves the top block's output rows past the first at zero: no taps")
+        n = jax.tree.leaves(blocks)[0].shape[0]
+        h, _ = run_blocks(cfg, spec, layer_slice(blocks, 0, n - 1), layer_slice(peft_blocks, 0, n - 1), h, bias,
+                          unroll=unroll)
+        top = jax.tree.map(lambda x: x[n - 1], (blocks, peft_blocks))
+        return top_block(cfg, top[0], h, bias, top[1], spec), None
     block = arch(cfg).block
 
     def step(h, layer):
@@ -61,8 +78,9 @@ def peft_blocks(params) -> dict:
 
 
 def encode(cfg: ModelConfig, spec: PeftConfig, params, batch, depth: int | None = None, keep_taps: bool = False,
-           unroll: bool = False):
-    """Final hidden state (after the final norm). Only the top `depth` layers get gradients."""
+           unroll: bool = False, first_only: bool = False):
+    """Final hidden state (after the final norm). Only the top `depth` layers get gradients.
+    `first_only`: the top block computes the first position only (the other rows are zeros)."""
     n = cfg.num_layers
     cut = n - (n if depth is None else depth)
     bias = attention_bias(batch["attention_mask"], cfg.causal)
@@ -74,7 +92,7 @@ def encode(cfg: ModelConfig, spec: PeftConfig, params, batch, depth: int | None 
             continue
         h, ys = run_blocks(
             cfg, spec, layer_slice(params["blocks"], start, stop), layer_slice(peft_blocks(params), start, stop),
-            h, bias, keep_taps, unroll,
+            h, bias, keep_taps, unroll, first_only and stop == n,
         )
         if start == 0 and cut > 0:
             h = jax.lax.stop_gradient(h)
@@ -85,14 +103,19 @@ def encode(cfg: ModelConfig, spec: PeftConfig, params, batch, depth: int | None 
 
 
 def forward(cfg: ModelConfig, spec: PeftConfig, head: HeadConfig | None, params, batch, depth: int | None = None,
-            unroll: bool = False) -> Output:
-    """Hidden states and head logits; the parallel side network joins before the head."""
+            unroll: bool = False, logits_only: bool = False) -> Output:
+    """Hidden states and head logits; the parallel side network joins before the head.
+
+    `logits_only`: the caller needs the logits alone, so under [CLS] pooling the top block
+    computes the first position only (`last_hidden_state` is zero past it): 1/T of that
+    block's queries, attention output and FFN."""
     from ringjax.peft import parallel
 
     if spec.kind == "parallel":
         h, taps = encode(cfg, spec, params, batch, depth=0, keep_taps=True, unroll=unroll)
         h = parallel.side_output(spec, params["peft"]["side"], jax.lax.stop_gradient(taps), h)
     else:
-        h, taps = encode(cfg, spec, params, batch, depth, unroll=unroll)
+        h, taps = encode(cfg, spec, params, batch, depth, unroll=unroll,
+                         first_only=logits_only and reads_first_token(cfg, head))
     logits = None if head is None else apply_head(cfg, head, params["head"], h, batch["attention_mask"], params["embed"])
     return Output(h, logits, taps)

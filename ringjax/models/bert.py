@@ -82,13 +82,16 @@ def embed(cfg: ModelConfig, p, input_ids, attention_mask, token_type_ids=None):
     return layer_norm(x, p["norm"], cfg.norm_eps)
 
 
-def block(cfg: ModelConfig, p, h, bias, peft, spec):
-    """One post-norm encoder layer; Houlsby adapters sit before each residual LayerNorm."""
+def block(cfg: ModelConfig, p, h, bias, peft, spec, first_only: bool = False):
+    """One post-norm encoder layer; Houlsby adapters sit before each residual LayerNorm.
+    `first_only`: only the first position's output (its query attends to every key), (B, 1, H)."""
     lin = lambda x, name: linear(x, p[name], peft, name, spec.lora_scaling)
-    q, k, v = (split_heads(lin(h, name), cfg.num_heads) for name in ("query", "key", "value"))
+    x = h[:, :1] if first_only else h
+    q = split_heads(lin(x, "query"), cfg.num_heads)
+    k, v = (split_heads(lin(h, name), cfg.num_heads) for name in ("key", "value"))
     a = lin(dot_product_attention(q, k, v, bias), "attn_out")
     a = bottleneck(a, peft, "attn", spec.non_linearity)
-    h = layer_norm(a + h, p["attn_norm"], cfg.norm_eps)
+    h = layer_norm(a + x, p["attn_norm"], cfg.norm_eps)
     f = lin(activation(cfg.activation)(lin(h, "ffn_in")), "ffn_out")
     f = bottleneck(f, peft, "ffn", spec.non_linearity)
     return layer_norm(f + h, p["ffn_norm"], cfg.norm_eps)

@@ -35,6 +35,12 @@ class HeadConfig:
         return 1 if self.kind == "regression" else self.num_labels
 
 
+def reads_first_token(cfg: ModelConfig, head: HeadConfig | None) -> bool:
+    """The head reads only the first position (an encoder's [CLS] pooling), so the top block needs
+    to compute only that row; its keys and values still see every token."""
+    return head is not None and cfg.is_encoder and head.kind != "lm" and head.pooling == "cls"
+
+
 def head_shapes(cfg: ModelConfig, head: HeadConfig) -> dict:
     h = cfg.hidden_size
     if head.kind == "lm":

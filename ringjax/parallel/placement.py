@@ -107,7 +107,7 @@ def plan_stages(
 
 
 def auto_stages(cfg, spec, num_stages: int, microbatch: int, seq_len: int, microbatches: int = 1,
-                profiles: Sequence | None = None, *, num_labels: int = 2, dtype: str = "fp32"):
+                profiles: Sequence | None = None, *, num_labels: int = 2, dtype: str = "fp32", first_only_top: bool = False):
     """`--placement auto`: a function depth -> stage sizes, the bottleneck-optimal contiguous split
     (`ringjax.plan.placement.optimal_placement`) of the analytic per-block costs
     (`ringjax.plan.costs.block_costs`, one step's `microbatches` microbatches) at that unfreeze depth.
@@ -116,6 +116,7 @@ def auto_stages(cfg, spec, num_stages: int, microbatch: int, seq_len: int, micro
     a device's speed is its peak FLOP/s and its memory what it has beside the embedding and head
     every device holds (a block needs its weights, its adapters' gradients and Adam moments, and
     its residuals for the step's microbatches, as `ringjax plan --method ringada` counts them).
+    `first_only_top`: the top block computes the first position only (a [CLS]-pooled head).
     """
     from ringjax.plan.costs import block_costs as analytic_costs, embedding_params, head_params, top_layers
 
@@ -133,7 +134,7 @@ def auto_stages(cfg, spec, num_stages: int, microbatch: int, seq_len: int, micro
 
     def sizes(depth: int) -> tuple[int, ...]:
         if depth not in chosen:
-            costs = analytic_costs(cfg, spec, microbatch, seq_len, top_layers(L, depth))
+            costs = analytic_costs(cfg, spec, microbatch, seq_len, top_layers(L, depth), first_only_top=first_only_top)
             work = [c.train_flops * microbatches for c in costs]
             memory = [4.0 * (c.params + 3 * c.trainable_params) + microbatches * c.residual_bytes for c in costs]
             chosen[depth] = optimal_placement(work, memory, speeds, memories).sizes

@@ -50,9 +50,9 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from ringjax.errors import RingjaxError
-from ringjax.models.backbone import arch, embed as embed_tokens, run_blocks
+from ringjax.models.backbone import arch, embed as embed_tokens, run_blocks, top_block
 from ringjax.models.config import ModelConfig
-from ringjax.models.heads import HeadConfig, apply_head, example_losses
+from ringjax.models.heads import HeadConfig, apply_head, example_losses, reads_first_token
 from ringjax.models.layers import attention_bias
 from ringjax.parallel.mesh import AXIS, put
 from ringjax.parallel.placement import Placement
@@ -67,11 +67,13 @@ DATA_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels", "example
 @dataclass(frozen=True)
 class StageProgram:
     """What one device computes: `size` blocks, of which the first `cut` are frozen; `dx`: the
-    stage below trains, so the input gradient is needed."""
+    stage below trains, so the input gradient is needed; `first_only`: its last block is the
+    model's top and computes only the first position (the head reads nothing else)."""
 
     size: int
     cut: int
     dx: bool
+    first_only: bool = False
 
     @property
     def trains(self) -> bool:
@@ -120,15 +122,16 @@ class RingPipeline:
         self.placement, self.M, self.depth, self.N = placement, int(num_microbatches), int(depth), N
         self.residuals, self.unroll = residuals, bool(unroll)
         cut = L - depth
+        self.first_only = reads_first_token(cfg, head)
         self.programs = [
-            StageProgram(size=s, cut=min(max(cut - a, 0), s), dx=cut < a)
+            StageProgram(size=s, cut=min(max(cut - a, 0), s), dx=cut < a, first_only=self.first_only and s > 0 and a + s == L)
             for a, s in zip(placement.starts, placement.sizes)
         ]
         self.branches = list(dict.fromkeys(self.programs))  # each distinct program is one switch branch
         self._train_blocks = max((p.size - p.cut for p in self.programs), default=0)  # most trainable blocks of any stage
         self.schedule: PipelineSchedule = build_schedule(schedule, N, self.M, [p.trains for p in self.programs])
         self.tables = self.schedule.engine_tables()
-        self._block_plans: dict[bool, tuple] = {}  # residual layout of a trainable block, by "needs dx"
+        self._block_plans: dict[tuple, tuple] = {}  # residual layout of a trainable block, by (needs dx, first only)
         self._pad = np.array(placement.padded_index(), np.int32)
         self._unpad = np.array(placement.unpadded_index(), np.int32)
         self._arch = arch(cfg)
@@ -184,18 +187,21 @@ class RingPipeline:
     def _layers(self, tree, start, stop):
         return jax.tree.map(lambda x: x[start:stop], tree)
 
-    def _run(self, W, Pf, h, bias):
+    def _run(self, W, Pf, h, bias, first_only_top: bool = False):
         """Blocks W (stacked) with adapters Pf over h (`unroll`: the layer scan unrolled, for FLOP counts)."""
         if jax.tree.leaves(W)[0].shape[0] == 0:
             return h
-        return run_blocks(self.cfg, self.spec, W, Pf, h, bias, False, self.unroll)[0]
+        return run_blocks(self.cfg, self.spec, W, Pf, h, bias, False, self.unroll, first_only_top)[0]
 
-    def _block_vjp(self, W_l, P_l, h, bias, dx: bool):
-        """Output and pullback of one trainable block: wrt its adapters, and its input when `dx`."""
-        f = lambda pf, h: self._arch.block(self.cfg, W_l, h, bias, pf, self.spec)  # noqa: E731
+    def _block_vjp(self, W_l, P_l, h, bias, key: tuple):
+        """Output and pullback of one trainable block: wrt its adapters, and its input when
+        `key[0]` (needs dx); `key[1]`: it is the top block computing the first position only."""
+        dx, first_only = key
+        fn = top_block if first_only else self._arch.block
+        f = lambda pf, h: fn(self.cfg, W_l, h, bias, pf, self.spec)  # noqa: E731
         return jax.vjp(f, P_l, h) if dx else jax.vjp(lambda pf: f(pf, h), P_l)
 
-    def _residuals(self, vjp, W_l, P_l, bias, dx: bool) -> list:
+    def _residuals(self, vjp, W_l, P_l, bias, key: tuple) -> list:
         """The pullback's leaves to stash: all but the weights, adapters and bias, which the
         backward tick has anyway. Records the layout `_pullback` rebuilds it from."""
         leaves, treedef = jax.tree.flatten(vjp)
@@ -208,11 +214,11 @@ class RingPipeline:
                 kept.append(leaf)
             else:
                 plan.append(("avail", hit))
-        self._block_plans[dx] = (treedef, plan, [(k.shape, k.dtype) for k in kept])
+        self._block_plans[key] = (treedef, plan, [(k.shape, k.dtype) for k in kept])
         return kept
 
-    def _pullback(self, W_l, P_l, bias, dx: bool, kept: list):
-        treedef, plan, _ = self._block_plans[dx]
+    def _pullback(self, W_l, P_l, bias, key: tuple, kept: list):
+        treedef, plan, _ = self._block_plans[key]
         avail = jax.tree.leaves((W_l, P_l)) + [bias]
         return jax.tree.unflatten(treedef, [avail[i] if src == "avail" else kept[i] for src, i in plan])
 
@@ -241,6 +247,19 @@ class RingPipeline:
             offsets[name] = offsets[name] + n
         return leaves
 
+    def _spans(self, prog: StageProgram) -> tuple[int, int, int]:
+        """(lo, hi, n): of a stage's n trainable blocks, those below lo (the lowest, when its
+        input needs no gradient) and from hi on (the model's top block, first position only) run
+        on their own; lo..hi share one layer scan (input gradient, every position)."""
+        n = prog.size - prog.cut
+        lo = 0 if prog.dx else 1
+        return lo, max(n - 1 if prog.first_only else n, lo), n
+
+    @staticmethod
+    def _key(prog: StageProgram, j: int, n: int) -> tuple:
+        """Residual layout key of trainable block j of n: (needs dx, first position only)."""
+        return (j > 0 or prog.dx, prog.first_only and j == n - 1)
+
     def stage_forward(self, prog: StageProgram, blocks, peft, h, bias, stash: dict, slot):
         """One microbatch through one stage: (output, stash with the microbatch's residuals in row `slot`).
 
@@ -248,27 +267,34 @@ class RingPipeline:
         residuals straight into the stash, so they are written once, where the backward tick
         reads them (a vjp of the whole layer scan stacks them first, and copying that stack into
         the stash cost a second write and a second read of every residual)."""
-        h = self._run(self._layers(blocks, 0, prog.cut), self._layers(peft, 0, prog.cut), h, bias)
+        h = self._run(self._layers(blocks, 0, prog.cut), self._layers(peft, 0, prog.cut), h, bias,
+                      prog.first_only and prog.cut == prog.size)
         if not prog.trains:
             return h, stash
         W, Pf = self._layers(blocks, prog.cut, prog.size), self._layers(peft, prog.cut, prog.size)
         if self.residuals == "recompute":
-            return self._run(W, Pf, h, bias), self._write(stash, slot, {name: 0 for name in stash}, [h])
-        first = 0 if prog.dx else 1  # a stage whose input needs no gradient: its lowest block has no dx
-        if first:
-            W_l, P_l = jax.tree.map(lambda x: x[0], (W, Pf))
-            h, vjp = self._block_vjp(W_l, P_l, h, bias, False)
-            stash = self._write(stash, slot, self._block_offsets(stash, 0), self._residuals(vjp, W_l, P_l, bias, False))
-        n = prog.size - prog.cut
-        if n > first:
+            return self._run(W, Pf, h, bias, prog.first_only), self._write(stash, slot, {name: 0 for name in stash}, [h])
+        lo, hi, n = self._spans(prog)
+
+        def one(h, stash, j):
+            W_l, P_l = jax.tree.map(lambda x: x[j], (W, Pf))
+            key = self._key(prog, j, n)
+            h, vjp = self._block_vjp(W_l, P_l, h, bias, key)
+            return h, self._write(stash, slot, self._block_offsets(stash, j), self._residuals(vjp, W_l, P_l, bias, key))
+
+        for j in range(lo):
+            h, stash = one(h, stash, j)
+        if hi > lo:
             def block(carry, layer):
                 h, stash = carry
                 W_l, P_l, j = layer
-                h, vjp = self._block_vjp(W_l, P_l, h, bias, True)
-                return (h, self._write(stash, slot, self._block_offsets(stash, j), self._residuals(vjp, W_l, P_l, bias, True))), None
+                h, vjp = self._block_vjp(W_l, P_l, h, bias, (True, False))
+                return (h, self._write(stash, slot, self._block_offsets(stash, j), self._residuals(vjp, W_l, P_l, bias, (True, False)))), None
 
-            layers = (self._layers(W, first, n), self._layers(Pf, first, n), jnp.arange(first, n, dtype=jnp.int32))
+            layers = (self._layers(W, lo, hi), self._layers(Pf, lo, hi), jnp.arange(lo, hi, dtype=jnp.int32))
             (h, stash), _ = jax.lax.scan(block, (h, stash), layers, unroll=self.unroll)
+        for j in range(hi, n):
+            h, stash = one(h, stash, j)
         return h, stash
 
     def stage_backward(self, prog: StageProgram, blocks, peft, stash: dict, slot, bias, g):
@@ -277,29 +303,40 @@ class RingPipeline:
         W, Pf = self._layers(blocks, prog.cut, prog.size), self._layers(peft, prog.cut, prog.size)
         if self.residuals == "recompute":
             (h,) = self._read(stash, slot, {name: 0 for name in stash}, [(g.shape, g.dtype)])
-            f = lambda pf, h: self._run(W, pf, h, bias)  # noqa: E731
+            f = lambda pf, h: self._run(W, pf, h, bias, prog.first_only)  # noqa: E731
             _, vjp = jax.vjp(f, Pf, h) if prog.dx else jax.vjp(lambda pf: f(pf, h), Pf)
             cts = vjp(g)
             g_peft, g_h = cts[0], (cts[1] if prog.dx else jnp.zeros_like(g))
         else:
-            first, n = (0 if prog.dx else 1), prog.size - prog.cut
-            parts = []
-            if n > first:
+            lo, hi, n = self._spans(prog)
+
+            def one(g, j):
+                W_l, P_l = jax.tree.map(lambda x: x[j], (W, Pf))
+                key = self._key(prog, j, n)
+                kept = self._read(stash, slot, self._block_offsets(stash, j), self._block_plans[key][2])
+                cts = self._pullback(W_l, P_l, bias, key, kept)(g)
+                return (cts[1] if key[0] else jnp.zeros_like(g)), jax.tree.map(lambda x: x[None], cts[0])
+
+            top = []
+            for j in reversed(range(hi, n)):
+                g, g_p = one(g, j)
+                top.insert(0, g_p)
+            middle = []
+            if hi > lo:
                 def block(g, layer):
                     W_l, P_l, j = layer
-                    kept = self._read(stash, slot, self._block_offsets(stash, j), self._block_plans[True][2])
-                    g_p, g = self._pullback(W_l, P_l, bias, True, kept)(g)
+                    kept = self._read(stash, slot, self._block_offsets(stash, j), self._block_plans[(True, False)][2])
+                    g_p, g = self._pullback(W_l, P_l, bias, (True, False), kept)(g)
                     return g, g_p
 
-                layers = (self._layers(W, first, n), self._layers(Pf, first, n), jnp.arange(first, n, dtype=jnp.int32))
+                layers = (self._layers(W, lo, hi), self._layers(Pf, lo, hi), jnp.arange(lo, hi, dtype=jnp.int32))
                 g, g_rest = jax.lax.scan(block, g, layers, reverse=True, unroll=self.unroll)
-                parts.append(g_rest)
-            if first:
-                W_l, P_l = jax.tree.map(lambda x: x[0], (W, Pf))
-                kept = self._read(stash, slot, self._block_offsets(stash, 0), self._block_plans[False][2])
-                (g_p,) = self._pullback(W_l, P_l, bias, False, kept)(g)
-                parts.insert(0, jax.tree.map(lambda x: x[None], g_p))
-                g = jnp.zeros_like(g)
+                middle.append(g_rest)
+            bottom = []
+            for j in reversed(range(lo)):
+                g, g_p = one(g, j)
+                bottom.insert(0, g_p)
+            parts = bottom + middle + top
             g_peft = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts) if len(parts) > 1 else parts[0]
             g_h = g
         pad = ((prog.cut, self.placement.max_size - prog.size),)
@@ -317,12 +354,12 @@ class RingPipeline:
         abstract = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), t)  # noqa: E731
         W_l, P_l = abstract(local_blocks), abstract(local_peft)
         bias = jax.ShapeDtypeStruct((mb_shape[0], 1, mb_shape[1], mb_shape[1]), jnp.float32)
-        key = (self.cfg, self.spec, h.shape, jax.tree.structure((W_l, P_l)),
+        key = (self.cfg, self.spec, self.first_only, h.shape, jax.tree.structure((W_l, P_l)),
                tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves((W_l, P_l))))
         if key not in _RESIDUAL_SIZES:  # tracing a block's vjp is slow: once per model and shape
             unit: dict = {}
-            for dx in (False, True):
-                kept = jax.eval_shape(lambda W, P, h, bias: self._residuals(self._block_vjp(W, P, h, bias, dx)[1], W, P, bias, dx),
+            for block_key in [(dx, top) for dx in (False, True) for top in (False, True) if self.first_only or not top]:
+                kept = jax.eval_shape(lambda W, P, h, bias: self._residuals(self._block_vjp(W, P, h, bias, block_key)[1], W, P, bias, block_key),
                                       W_l, P_l, h, bias)
                 per: dict = {}
                 for k in kept:

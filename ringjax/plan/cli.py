@@ -108,7 +108,8 @@ def plan_deft(args, cfg) -> dict:
     result = solve(problem, args.seed)
     blocks = []
     for b, layers in enumerate(block_ranges(sizes)):
-        cost = step_costs(cfg, spec, args.batch, args.seq, trained=layers, head_trains=b == K - 1, optimizer=False)
+        cost = step_costs(cfg, spec, args.batch, args.seq, trained=layers, head_trains=b == K - 1, optimizer=False,
+                          first_only_top=False)
         blocks.append({"block": b, "layers": [layers.start, layers.stop], "flops": cost.flops,
                        "memory_bytes": cost.peak_bytes, "upload_bits": 8.0 * cost.upload_bytes})
     per_device = []
@@ -125,10 +126,9 @@ def plan_deft(args, cfg) -> dict:
 
 def _ringada_block_costs(cfg, spec, batch, seq, depth):
     """Per-block (seconds at unit speed: FLOPs) forward / backward work and memory at `depth`."""
-    from ringjax.plan.costs import block_costs, top_layers
+    from ringjax.plan.costs import block_costs, first_only_top_block, top_layers
 
-    costs = block_costs(cfg, spec, batch, seq, top_layers(cfg.num_layers, depth))
-    return costs
+    return block_costs(cfg, spec, batch, seq, top_layers(cfg.num_layers, depth), first_only_top=first_only_top_block(cfg, spec))
 
 
 def plan_ringada(args, cfg) -> dict:

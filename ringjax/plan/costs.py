@@ -115,12 +115,16 @@ def _activation(model) -> tuple[float, float, float]:
     return _ACTIVATIONS[name]
 
 
-def _layer_ops(model, method, batch: int, seq_len: int, trained: bool, dtype_bytes: int) -> list[Op]:
-    """The ops of one backbone layer (with the method's PEFT ops), bottom-up."""
+def _layer_ops(model, method, batch: int, seq_len: int, trained: bool, dtype_bytes: int,
+               first_only: bool = False) -> list[Op]:
+    """The ops of one backbone layer (with the method's PEFT ops), bottom-up. `first_only`: the
+    model's top block under [CLS] pooling, where only the keys and values see every token."""
     arch, h, f = model.arch, model.hidden_size, model.intermediate_size
     heads, kv = model.num_heads, model.num_kv_heads or model.num_heads
     d = getattr(model, "head_dim", 0) or h // heads
-    tokens, kind = batch * seq_len, method.kind
+    all_tokens, kind = batch * seq_len, method.kind
+    tokens = batch if first_only else all_tokens  # the rows the layer's output is computed for
+    rows = {"key": all_tokens, "value": all_tokens}  # projections that read every row regardless
     bias = arch != "llama"
     whole = trained and kind in ("full", "top-t")  # every backbone weight of the layer trains
     linears = {
@@ -143,16 +147,18 @@ def _layer_ops(model, method, batch: int, seq_len: int, trained: bool, dtype_byt
     # the tensor each projection reads (q, k, v share one; so do the FFN's input projections)
     reads = {"query": "attn_in", "key": "attn_in", "value": "attn_in", "qkv": "attn_in", "attn_out": "context",
              "ffn_in": "ffn_in", "ffn_gate": "ffn_in", "ffn_up": "ffn_in", "ffn_out": "hidden"}
-    ops = [_linear(name, level[name], tokens, fan_in, fan_out, bias, whole, dtype_bytes, reads[name])
+    ops = [_linear(name, level[name], rows.get(name, tokens), fan_in, fan_out, bias, whole, dtype_bytes, reads[name])
            for name, fan_in, fan_out in linears]
-    # the gradients reaching the attention input from q, k, v (and the residual) are summed there
+    # the gradients reaching the attention input from q, k, v (and the residual) are summed there;
+    # the attention input is kept whole when any projection reading it trains
     for i, op in enumerate(ops):
         if reads[op.name] == "attn_in":
-            ops[i] = dataclasses.replace(op, bwd_elementwise=op.bwd_elementwise + tokens * h)
-    scores = batch * heads * seq_len**2
+            ops[i] = dataclasses.replace(op, bwd_elementwise=op.bwd_elementwise + all_tokens * h,
+                                         input_bytes=all_tokens * shape[op.name][0] * dtype_bytes)
+    scores = tokens * heads * seq_len
     core = 4.0 * scores * d  # scores and weighted values; GQA repeats k, v to all heads
     ops.append(Op("core", level["core"], core, 2 * core, 0.0, 0, False,
-                  (tokens * (heads + 2 * kv) * d + 2 * scores) * dtype_bytes,
+                  (tokens * heads * d + all_tokens * 2 * kv * d + 2 * scores) * dtype_bytes,
                   fwd_elementwise=_SOFTMAX[0] * scores, bwd_elementwise=_SOFTMAX[1] * scores))
     for name in ("norm1", "norm2"):
         ops.append(_norm(name, level[name], tokens, h, arch, whole, dtype_bytes))
@@ -172,10 +178,12 @@ def _layer_ops(model, method, batch: int, seq_len: int, trained: bool, dtype_byt
         r = method.lora_rank
         for name in targets:
             fan_in, fan_out = shape[name]
-            flops = 2.0 * tokens * r * (fan_in + fan_out)
+            n = rows.get(name, tokens)
+            flops = 2.0 * n * r * (fan_in + fan_out)
+            kept = all_tokens if reads[name] == "attn_in" else n
             ops.append(Op(f"lora_{name}", level[name], flops, flops, flops, r * (fan_in + fan_out), trained,
-                          tokens * r * dtype_bytes, tokens * fan_in * dtype_bytes, reads[name],
-                          fwd_elementwise=2 * tokens * fan_out, bwd_elementwise=tokens * (fan_in + fan_out)))
+                          n * r * dtype_bytes, kept * fan_in * dtype_bytes, reads[name],
+                          fwd_elementwise=2 * n * fan_out, bwd_elementwise=n * (fan_in + fan_out)))
     if kind == "adapter":
         width = max(1, h // method.reduction_factor)
         a_fwd, a_bwd, a_kept = _ACTIVATIONS.get(getattr(method, "non_linearity", "relu"), _ACTIVATIONS["relu"])
@@ -238,19 +246,22 @@ def _default_trained(model, method) -> range:
 
 
 def block_costs(model, method, batch: int, seq_len: int, trained: Iterable[int] | None = None,
-                dtype_bytes: int = 4, *, elementwise: bool = True, input_trains: bool = False) -> tuple[BlockCost, ...]:
+                dtype_bytes: int = 4, *, elementwise: bool = True, input_trains: bool = False,
+                first_only_top: bool = False) -> tuple[BlockCost, ...]:
     """Per-layer costs for one microbatch when the method's parameters train in layers `trained`.
 
     `trained` defaults to every layer (the top `top_t` for top-t). For the parallel method the
     backbone only runs forward and each layer's cost includes its slice of the side network.
     `elementwise=False` counts matrix products only; `input_trains` says something below the
     first layer trains (the embeddings, in full fine-tuning), so every layer passes gradients down.
+    `first_only_top`: the top layer computes the first position only (`first_only_top_block`).
     """
     L = model.num_layers
     trained = set(_default_trained(model, method) if trained is None else trained)
     if not trained <= set(range(L)):
         raise RingjaxError(f"trained layers {sorted(trained - set(range(L)))} do not exist: the model has {L}")
-    backbone = [_layer_ops(model, method, batch, seq_len, layer in trained, dtype_bytes) for layer in range(L)]
+    backbone = [_layer_ops(model, method, batch, seq_len, layer in trained, dtype_bytes, first_only_top and layer == L - 1)
+                for layer in range(L)]
     chains = [(backbone, input_trains)]
     if method.kind == "parallel":
         tapped = set(side_tapped_layers(model, method))
@@ -279,6 +290,12 @@ def block_costs(model, method, batch: int, seq_len: int, trained: Iterable[int] 
                         kept.add(op.input_key)
     return tuple(BlockCost(t["fwd"], t["bwd_in"], t["bwd_w"], t["params"], t["trainable"], t["saved"])
                  for t in totals)
+
+
+def first_only_top_block(model, method, head_kind: str = "classification", pooling: str = "cls") -> bool:
+    """Whether the step's top block computes the first position only, as the forward pass does
+    for an encoder's [CLS]-pooled head (`ringjax.models.heads.reads_first_token`)."""
+    return _family(model.arch) == "bert" and head_kind != "lm" and pooling == "cls" and method.kind != "parallel"
 
 
 def hidden_state_bytes(model, batch: int, seq_len: int, dtype_bytes: int = 4) -> int:
@@ -360,13 +377,15 @@ def side_network_params(model, method) -> int:
 def step_costs(model, method, batch: int, seq_len: int, depth: int | None = None, *,
                trained: Iterable[int] | None = None, head_trains: bool = True, optimizer: bool = True,
                num_labels: int = 2, head_kind: str = "classification", dtype_bytes: int = 4,
-               elementwise: bool = True) -> StepCost:
+               elementwise: bool = True, first_only_top: bool | None = None) -> StepCost:
     """Costs of one training step of `batch` x `seq_len` tokens, as `make_train_step` compiles it.
 
     The top `depth` layers train (default: all, or top_t for top-t); `trained` names the layers
     instead (a DEFT block). `head_trains=False` leaves the head's gradient out (a DEFT block
     below the top); `optimizer=False` prices the forward-backward alone. The optimizer covers
     every parameter that can train under the method (as `leaf_mask`), whatever the depth.
+    `first_only_top` defaults to what `make_train_step` does with a [CLS]-pooled head
+    (`first_only_top_block`); pass False for a forward that runs the top block whole (DEFT's).
     """
     L, h, kind = model.num_layers, model.hidden_size, method.kind
     if trained is None:
@@ -374,8 +393,10 @@ def step_costs(model, method, batch: int, seq_len: int, depth: int | None = None
     trained = sorted(set(trained))
     tokens = batch * seq_len
     embed_trains = kind == "full" and bool(trained) and trained[0] == 0
+    if first_only_top is None:
+        first_only_top = first_only_top_block(model, method, head_kind)
     blocks = block_costs(model, method, batch, seq_len, trained, dtype_bytes, elementwise=elementwise,
-                         input_trains=embed_trains)
+                         input_trains=embed_trains, first_only_top=first_only_top)
     ew = 1.0 if elementwise else 0.0
     family = _family(model.arch)
     tables = {"bert": 3, "gpt2": 2, "llama": 1}[family]

@@ -33,7 +33,7 @@ def weighted_mean(losses, batch):
 def loss_fn(trainable, frozen, batch, *, cfg: ModelConfig, spec: PeftConfig, head: HeadConfig, depth: int,
             unroll: bool = False, compute_dtype: str = "float32"):
     params = narrow_block_kernels(merge(trainable, frozen), compute_dtype)
-    out = forward(cfg, spec, head, params, batch, depth, unroll)
+    out = forward(cfg, spec, head, params, batch, depth, unroll, logits_only=True)
     return weighted_mean(example_losses(head, out.logits, batch["labels"]), batch)
 
 
@@ -56,7 +56,7 @@ def make_train_step(cfg: ModelConfig, spec: PeftConfig, head: HeadConfig, optimi
 
 def make_eval_step(cfg: ModelConfig, spec: PeftConfig, head: HeadConfig):
     def eval_step(params, batch):
-        out = forward(cfg, spec, head, params, batch)
+        out = forward(cfg, spec, head, params, batch, logits_only=True)
         return predictions(head, out.logits), weighted_mean(example_losses(head, out.logits, batch["labels"]), batch)
 
     return jax.jit(eval_step)
