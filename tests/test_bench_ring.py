@@ -41,3 +41,20 @@ def test_bench_ring_rejects_bad_depths(capsys, tiny_bert_dir):
                  "--batch", "4", "--seq", "8", "--depths", "1,9", "--repeats", "1", "--json"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "1..4" in err and len(err.splitlines()) == 1, err
+
+
+def test_action_flops_count_the_top_stage_as_it_runs():
+    """Stages 3, 1, 1, 1: the top stage's one block computes the [CLS] position only (with the
+    encoder's (mb, 1, 1, T) attention bias, as the ring step passes it), so its forward and
+    backward cost well under those of stage 1's whole block."""
+    from test_ring_pipeline import tiny_model
+
+    from ringjax.parallel import RingPipeline, make_stage_mesh, plan_stages
+    from ringjax.parallel.bench import action_flops
+
+    cfg, spec, head, params, *_ = tiny_model()
+    pipe = RingPipeline(cfg, spec, head, make_stage_mesh(4), plan_stages(6, 4, (3, 1, 1, 1)), 4, 6)
+    assert [p.first_only for p in pipe.programs] == [False, False, False, True]
+    costs = action_flops(pipe, params, 8, 8)
+    for kind in ("fwd", "bwd"):
+        assert costs[(kind, 3)] < 0.6 * costs[(kind, 1)], (kind, costs)

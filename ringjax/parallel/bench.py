@@ -59,8 +59,8 @@ def action_flops(pipe: RingPipeline, params: dict, batch_size: int, seq: int) ->
     local = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct((S, *x.shape[1:]), x.dtype), tree)  # noqa: E731
     blocks, peft = local(params["blocks"]), local(params["peft"]["blocks"])
     h = jax.ShapeDtypeStruct((mb, seq, cfg.hidden_size), jnp.float32)
-    bias = jax.ShapeDtypeStruct((mb, 1, seq, seq), jnp.float32)
     ids = jax.ShapeDtypeStruct((mb, seq), jnp.int32)
+    bias = jax.eval_shape(lambda m: attention_bias(m, cfg.causal), ids)  # (mb, 1, 1, seq) for encoders
     costs = {}
     embed_flops = _cost(lambda e, i, m: embed(cfg, {"embed": e}, {"input_ids": i, "attention_mask": m}),
                         _abstract(params["embed"]), ids, ids)

@@ -353,7 +353,7 @@ class RingPipeline:
             return {str(h.dtype): int(np.prod(h.shape))}
         abstract = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), t)  # noqa: E731
         W_l, P_l = abstract(local_blocks), abstract(local_peft)
-        bias = jax.ShapeDtypeStruct((mb_shape[0], 1, mb_shape[1], mb_shape[1]), jnp.float32)
+        bias = jax.eval_shape(lambda m: attention_bias(m, self.cfg.causal), jax.ShapeDtypeStruct(mb_shape, jnp.int32))
         key = (self.cfg, self.spec, self.first_only, h.shape, jax.tree.structure((W_l, P_l)),
                tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves((W_l, P_l))))
         if key not in _RESIDUAL_SIZES:  # tracing a block's vjp is slow: once per model and shape
