@@ -11,8 +11,10 @@ A step is a `lax.scan` over the ticks of a `PipelineSchedule` (see schedules.py)
 every device reads its row of the schedule's tables and runs at most one of:
 - forward: `lax.cond` on "my action is fwd", then the device's stage program, picked among
   the distinct programs by device index (a program is: number of blocks, unfreeze cut inside
-  the stage, whether the input gradient is needed). Frozen layers run plainly; each block of
-  the trainable suffix runs under its own `jax.vjp` in a layer scan, and its pullback's
+  the stage, whether the input gradient is needed, whether it holds the model's top block
+  and the head reads only the [CLS] position, so that block computes that row alone). Frozen
+  layers run plainly; each block of the trainable suffix runs under its own `jax.vjp` (in a
+  layer scan, the top block and an input-gradient-free lowest block on their own), and its pullback's
   residuals (minus the weights and adapters, which the backward tick has anyway) are written
   straight into this microbatch's row of a per-device stash. With
   `residuals="recompute"` only the activation at the cut is kept and the backward tick
