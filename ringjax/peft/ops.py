@@ -52,6 +52,13 @@ def activation(name: str):
     return ACTIVATIONS[name]
 
 
+def _rows(x):
+    """(..., d) -> (rows, d). The weight gradient of a (batch, seq, d) product contracts two axes,
+    which XLA:CPU runs far slower than the same product over rows: twelve Houlsby adapters'
+    forward and backward at 32 x 64 took 111 ms on 3-D operands and 63 ms on rows."""
+    return x.reshape(-1, x.shape[-1])
+
+
 def linear(x, p, peft=None, name: str = "", lora_scaling: float = 1.0):
     """x @ kernel + bias, plus a LoRA update when `peft["lora"]` has one for `name`.
 
@@ -60,13 +67,16 @@ def linear(x, p, peft=None, name: str = "", lora_scaling: float = 1.0):
     and backward) while everything around it stays float32.
     """
     kernel = p["kernel"]
+    lead = x.shape[:-1]
+    if kernel.dtype == x.dtype:  # a narrow (bf16) product keeps its shape: flattened, bf16 LoRA steps ran 1.35x slower
+        x = _rows(x)
     y = x @ kernel if kernel.dtype == x.dtype else narrow_matmul(x, kernel)
     if "bias" in p:
         y = y + p["bias"]
     lora = (peft or {}).get("lora", {}).get(name)
     if lora is not None:
         y = y + ((x @ lora["a"]) @ lora["b"]) * lora_scaling
-    return y
+    return y.reshape(*lead, y.shape[-1])
 
 
 @jax.custom_vjp
@@ -100,5 +110,6 @@ def bottleneck(x, peft=None, site: str = "", non_linearity: str = "relu"):
     p = (peft or {}).get("adapter", {}).get(site)
     if p is None:
         return x
+    lead, x = x.shape[:-1], _rows(x)
     z = activation(non_linearity)(x @ p["down"]["kernel"] + p["down"]["bias"])
-    return x + z @ p["up"]["kernel"] + p["up"]["bias"]
+    return (x + z @ p["up"]["kernel"] + p["up"]["bias"]).reshape(*lead, x.shape[-1])
