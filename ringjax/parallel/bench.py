@@ -60,7 +60,7 @@ def action_flops(pipe: RingPipeline, params: dict, batch_size: int, seq: int) ->
     blocks, peft = local(params["blocks"]), local(params["peft"]["blocks"])
     h = jax.ShapeDtypeStruct((mb, seq, cfg.hidden_size), jnp.float32)
     ids = jax.ShapeDtypeStruct((mb, seq), jnp.int32)
-    bias = jax.eval_shape(lambda m: attention_bias(m, cfg.causal), ids)  # (mb, 1, 1, seq) for encoders
+    bias = units.bias_shape((mb, seq))
     costs = {}
     embed_flops = _cost(lambda e, i, m: embed(cfg, {"embed": e}, {"input_ids": i, "attention_mask": m}),
                         _abstract(params["embed"]), ids, ids)

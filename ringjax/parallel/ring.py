@@ -345,6 +345,11 @@ class RingPipeline:
         return jax.tree.map(lambda x: jnp.pad(x, pad + ((0, 0),) * (x.ndim - 1)), g_peft), g_h
 
     # ---- residual layout ----------------------------------------------------------------
+    def bias_shape(self, mb_shape) -> jax.ShapeDtypeStruct:
+        """The attention bias the stage programs get for a (microbatch, seq) batch, as the step
+        builds it: (mb, 1, 1, seq) for encoders, whose first-position top block relies on it."""
+        return jax.eval_shape(lambda m: attention_bias(m, self.cfg.causal), jax.ShapeDtypeStruct(mb_shape, jnp.int32))
+
     def residual_sizes(self, local_blocks, local_peft, mb_shape) -> dict:
         """{dtype: elements} of one stash row: the largest residual set of any training program
         (keep: its trainable blocks times the per-block size; recompute: the stage input)."""
@@ -355,7 +360,7 @@ class RingPipeline:
             return {str(h.dtype): int(np.prod(h.shape))}
         abstract = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), t)  # noqa: E731
         W_l, P_l = abstract(local_blocks), abstract(local_peft)
-        bias = jax.eval_shape(lambda m: attention_bias(m, self.cfg.causal), jax.ShapeDtypeStruct(mb_shape, jnp.int32))
+        bias = self.bias_shape(mb_shape)
         key = (self.cfg, self.spec, self.first_only, h.shape, jax.tree.structure((W_l, P_l)),
                tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves((W_l, P_l))))
         if key not in _RESIDUAL_SIZES:  # tracing a block's vjp is slow: once per model and shape
