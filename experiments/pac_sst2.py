@@ -58,7 +58,7 @@ def main(argv=None) -> dict:
 
     from ringjax.runtime import reuse_freed_memory
 
-    reuse_freed_memory()  # as the `ringjax` command line does (see ringjax/runtime.py)
+    reuse_freed_memory()  # as the `ringjax` command line does: only under RINGJAX_MALLOC=reuse (ringjax/runtime.py)
 
     import jax
     import numpy as np

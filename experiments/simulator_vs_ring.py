@@ -18,9 +18,9 @@ For each unfreeze depth, on N emulated CPU devices (`--xla_force_host_platform_d
     every step and every page faults (a few microseconds each in this VM; the JSON's
     `page_faults` shows the step's measured faults next to the temporary buffer's pages). The
     "alloc" program writes one byte per page of a fresh mapping of that size. That is the
-    process as plain Python runs it (`--malloc system`); by default (`--malloc reuse`) the script
-    applies what the `ringjax` command line applies, `ringjax.runtime.reuse_freed_memory`, so the
-    buffer is reused from the heap and the step faults few pages; what remains of "alloc" is the
+    process as plain Python and the `ringjax` command line run it (`--malloc system`, the default);
+    with `--malloc reuse` the script applies `ringjax.runtime.reuse_freed_memory` (the command
+    line's RINGJAX_MALLOC=reuse), so the buffer is reused from the heap and the step faults few pages; what remains of "alloc" is the
     step's zero-filling of its scan carry (the residual stash, S slots of the largest training
     program's residuals, and the activation and gradient buffers), timed as a program that
     materialises zeros of those shapes.
@@ -424,13 +424,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--depths", default="1,3,6")
     ap.add_argument("--schedule", default="1f1b")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--malloc", choices=["reuse", "system"], default="reuse",
-                    help="reuse: keep freed heap memory as the ringjax CLI does; system: glibc's defaults")
+    ap.add_argument("--malloc", choices=["reuse", "system"], default="system",
+                    help="system: glibc's defaults, as the ringjax CLI runs; reuse: keep freed heap memory (RINGJAX_MALLOC=reuse)")
     args = ap.parse_args(argv)
 
     from ringjax.runtime import reuse_freed_memory
 
-    reused = args.malloc == "reuse" and reuse_freed_memory()
+    if args.malloc == "reuse":
+        os.environ["RINGJAX_MALLOC"] = "reuse"
+    reused = reuse_freed_memory()
 
     import ringjax
     from ringjax.plan.costs import hidden_state_bytes
