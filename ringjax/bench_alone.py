@@ -28,7 +28,7 @@ class AloneStep:
     """A child process holding one compiled single-device training step of `method`."""
 
     def __init__(self, model: str, method: str, batch: int, seq: int):
-        env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+        env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "PJRT_NPROC")}
         env["XLA_FLAGS"] = _DEVICE_COUNT_FLAG.sub("", env.get("XLA_FLAGS", "")).strip()
         self._proc = subprocess.Popen([sys.executable, "-m", "ringjax.bench_alone", model, method, str(batch), str(seq)],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)

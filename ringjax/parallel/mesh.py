@@ -47,7 +47,8 @@ def ensure_host_devices(n: int) -> bool:
     devices), when XLA_FLAGS already sets --xla_force_host_platform_device_count or
     JAX_NUM_CPU_DEVICES is set (the user decided), or once JAX's backends have started (too late:
     `make_stage_mesh` then says how to set the flag). Only CPU devices are affected; on a GPU
-    machine the ring still runs on the GPUs. Returns True when it set the count.
+    machine the ring still runs on the GPUs. Returns True when it set the count (and then
+    `spare_intra_op_threads`).
     """
     if n <= 1 or os.environ.get(ENV_COORDINATOR):
         return False
@@ -57,7 +58,25 @@ def ensure_host_devices(n: int) -> bool:
         jax.config.update("jax_num_cpu_devices", int(n))
     except RuntimeError:  # backends already initialised
         return False
+    spare_intra_op_threads(int(n))
     return True
+
+
+def spare_intra_op_threads(devices: int) -> None:
+    """Give XLA:CPU's intra-op thread pool one thread per emulated device on top of the cores.
+
+    The pool has max(cores, devices) threads, and an emulated device waiting in a collective
+    holds one of them, so in a ring tick where one device computes and the others wait for its
+    message it ran on the one thread left: a matmul inside `shard_map` took 0.034 s between
+    `ppermute`s against 0.016 s alone on 2 cores, and 0.019 s with this. PJRT_NPROC (read when
+    the CPU backend starts; a value the user set is kept) sizes the pool; set here only with the
+    device count, so a process whose XLA_FLAGS decide keeps XLA's default. MiniLM ring step, 4
+    devices, M = 4, 32 x 32 (alternating runs): 0.26-0.27 s against 0.30-0.31 s at depth 3,
+    0.39-0.40 against 0.43-0.44 s all unfrozen; no change when every device computes at once.
+    """
+    if devices > 1 and "PJRT_NPROC" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        os.environ["PJRT_NPROC"] = str(cores + devices)
 
 
 def is_primary() -> bool:
