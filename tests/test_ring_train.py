@@ -2,6 +2,7 @@
 updates, exactly zero updates for frozen adapters, optimizer state kept across an unfreeze, and
 checkpoints that resume in the same phase."""
 
+import threading
 from functools import partial
 
 import jax
@@ -49,3 +50,31 @@ def test_ringada_matches_single_device_updates_across_an_unfreeze(tiny):  # noqa
     assert again.step == 2 and again.depth() == 3 and again.unfreeze.spec() == "0:1,1:3"
     for a, b in zip(jax.tree.leaves(again.params()), jax.tree.leaves(run.params())):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_next_phase_compiles_on_the_helper_thread_once(tiny):  # noqa: F811
+    cfg, spec, head, params, trainable, frozen = tiny
+    batch = make_batch(False)
+    optimizer = make_optimizer(OptimConfig(lr=1e-3, warmup_ratio=0.0, decay="constant"), 10)
+    compiles = []
+
+    def record(event, duration, fun_name=None, **_):
+        if event == "/jax/core/compile/backend_compile_duration" and fun_name == "jit(train_step)":
+            compiles.append(threading.current_thread().name)
+
+    jax.monitoring.register_event_duration_secs_listener(record)
+    try:
+        losses = {}
+        for ahead in (True, False):
+            compiles.clear()
+            run = RingAda(cfg, spec, head, params, devices=2, microbatches=2, unfreeze="0:1,2:2,9:3", optimizer=optimizer,
+                          stages=(4, 2), compiler_options=FAST, compile_ahead=ahead)
+            metrics = list(run.train(iter([batch] * 4), steps=4))
+            assert [m["depth"] for m in metrics] == [1, 1, 2, 2]
+            losses[ahead] = [m["loss"] for m in metrics]
+            # one compile per depth; depth 2 ahead on the helper thread, and depth 3 (step 9) not at all
+            helper = ["ringada-compile-ahead" in name for name in compiles]
+            assert helper == ([False, True] if ahead else [False, False])
+    finally:
+        jax.monitoring.unregister_event_duration_listener(record)
+    assert losses[True] == losses[False]

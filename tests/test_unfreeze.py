@@ -51,3 +51,15 @@ def test_bad_schedules_are_one_line_errors(text):
     with pytest.raises(RingjaxError) as e:
         UnfreezeSchedule.parse(text, 6)
     assert "\n" not in str(e.value) and "--unfreeze" in str(e.value)
+
+
+def test_next_depth_is_the_phase_after_a_step_within_the_run():
+    points = UnfreezeSchedule.parse("0:1,300:3,600:6", 6)
+    assert [points.next_depth(s, 1000) for s in (0, 299, 300, 599, 600)] == [3, 3, 6, 6, None]
+    assert points.next_depth(0, end=300) is None and points.next_depth(0, end=301) == 3
+    every = UnfreezeSchedule.parse("every:100", 6)  # depth 1 + step // 100, up to 6
+    assert [every.next_depth(s, 1000) for s in (0, 99, 100, 450, 500)] == [2, 2, 3, 6, None]
+    assert every.next_depth(0, end=100) is None
+    plateau = UnfreezeSchedule.parse("plateau:1", 6)
+    assert plateau.next_depth(0) == 2 and plateau.next_depth(30, history=[1.0, 1.1]) == 3
+    assert UnfreezeSchedule.parse("all", 6).next_depth(0) is None and UnfreezeSchedule.parse("top:2", 6).next_depth(0) is None

@@ -22,6 +22,7 @@ def run_ringada(config: TrainConfig) -> dict:
                    microbatches=config.microbatches, unfreeze=config.unfreeze,
                    optimizer=make_optimizer(optim_config(config), total),
                    stages=ring_stages(config, m), schedule=config.schedule)
+    ring.end_step = total  # no phase after the run's last step is compiled ahead
     return fit(run, ring, total, {"devices": config.devices, "microbatches": config.microbatches,
                                   "unfreeze": config.unfreeze})
 

@@ -3,7 +3,9 @@
 `RingAda` holds the training state and one compiled ring step per unfreeze depth (compiled on
 first use); changing depth keeps the optimizer state, because every depth updates the same
 trainable tree through `masked_apply` with its own layer mask (frozen adapters get exactly zero
-update). `train_ringada` is the loop the CLI drives: it yields one metrics dict per step.
+update). While one phase trains, the next phase's step is compiled on a helper thread for each
+batch shape seen (`compile_ahead`), so a phase change does not stall the run for its compile.
+`train_ringada` is the loop the CLI drives: it yields one metrics dict per step.
 
 The global batch stream does not depend on the number of devices: each global batch is cut into
 M microbatches and microbatch m is owned by device m % N, so runs with the same seed see the
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import jax
 import numpy as np
@@ -73,6 +76,7 @@ class RingAda:
         residuals: str = "keep",
         mesh=None,
         compiler_options: dict | None = None,
+        compile_ahead: bool = True,
     ):
         self.cfg, self.spec, self.head, self.optimizer = cfg, spec, head, optimizer
         self.mesh = make_stage_mesh(devices) if mesh is None else mesh
@@ -86,6 +90,12 @@ class RingAda:
         self.history: list[float] = []
         self._steps: dict[int, tuple] = {}  # depth -> (pipeline, jitted step)
         self._placed: tuple[Placement, dict] | None = None
+        # a step compiled ahead is cached by jax.jit, and the first call at its depth finds it there
+        self.compile_ahead = compile_ahead and jax.process_count() == 1
+        self._ahead: dict[tuple, Future] = {}  # (depth, batch shapes) -> its compile on the helper thread
+        self._ran: set[tuple] = set()  # (depth, batch shapes) already run
+        self._helper: ThreadPoolExecutor | None = None
+        self.end_step: int | None = None  # phases from this step on are not compiled ahead (`train` sets it)
 
     # ---- phases -------------------------------------------------------------------------
     def placement(self, depth: int) -> Placement:
@@ -124,10 +134,33 @@ class RingAda:
         step, depth = self.step, self.depth()
         pipe, fn = self._compiled(depth)
         start = time.perf_counter()
-        self.state, metrics = fn(self.state, self._frozen_for(pipe), pipe.shard_batch(batch))
+        data = pipe.shard_batch(batch)
+        shapes = tuple(sorted((k, v.shape) for k, v in data.items()))
+        ahead = self._ahead.pop((depth, shapes), None)
+        if ahead is not None:
+            ahead.exception()  # wait for it; had it failed, the call below compiles and says why
+        self.state, metrics = fn(self.state, self._frozen_for(pipe), data)
         loss = float(local(metrics["loss"]))
+        seconds = time.perf_counter() - start
+        if (depth, shapes) not in self._ran:
+            self._ran.add((depth, shapes))
+            self._compile_next_phase(step, shapes, data)
         return {"step": step + 1, "loss": loss, "depth": depth, "stages": list(pipe.placement.sizes),
-                "seconds": time.perf_counter() - start}
+                "seconds": seconds}
+
+    def _compile_next_phase(self, step: int, shapes: tuple, data: dict) -> None:
+        """Start compiling, on the helper thread, the step of the depth the schedule reaches after
+        `step` (before the current `train` call ends) for batches shaped like `data`."""
+        depth = self.unfreeze.next_depth(step, self.end_step, self.history)
+        if not self.compile_ahead or depth is None or (depth, shapes) in self._ahead or (depth, shapes) in self._ran:
+            return
+        pipe, fn = self._compiled(depth)
+        like = lambda tree: jax.tree.map(  # noqa: E731
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding, weak_type=x.weak_type), tree)
+        args = (like(self.state), pipe.placed_frozen_like(self.frozen), like(data))
+        if self._helper is None:
+            self._helper = ThreadPoolExecutor(1, thread_name_prefix="ringada-compile-ahead")
+        self._ahead[(depth, shapes)] = self._helper.submit(lambda: fn.lower(*args).compile())
 
     def observe_dev_loss(self, loss: float) -> None:
         """Record a dev-set loss (drives the `plateau` schedule)."""
@@ -137,15 +170,21 @@ class RingAda:
               evaluate: Callable[[dict], dict] | None = None, eval_every: int = 0) -> Iterator[dict]:
         """Yield per-step metrics; every `eval_every` steps `evaluate(params)` (a dict with "loss")
         runs and its numbers join the metrics, its loss feeding the unfreeze schedule."""
-        for i, batch in enumerate(batches):
-            if steps is not None and i >= steps:
-                return
-            metrics = self.train_step(batch)
-            if evaluate is not None and eval_every and metrics["step"] % eval_every == 0:
-                dev = evaluate(self.params())
-                self.observe_dev_loss(dev["loss"])
-                metrics.update({f"dev_{k}": v for k, v in dev.items()})
-            yield metrics
+        self.end_step = None if steps is None else self.step + steps
+        try:
+            for i, batch in enumerate(batches):
+                if steps is not None and i >= steps:
+                    return
+                metrics = self.train_step(batch)
+                if evaluate is not None and eval_every and metrics["step"] % eval_every == 0:
+                    dev = evaluate(self.params())
+                    self.observe_dev_loss(dev["loss"])
+                    metrics.update({f"dev_{k}": v for k, v in dev.items()})
+                yield metrics
+        finally:
+            if self._helper is not None:  # compiles not started are dropped; a running one finishes
+                self._helper.shutdown(wait=False, cancel_futures=True)
+                self._helper, self._ahead = None, {}
 
     # ---- parameters and checkpoints ---------------------------------------------------------
     def params(self) -> dict:

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ringjax.errors import RingjaxError
 from ringjax.models.backbone import arch, embed as embed_tokens, run_blocks, top_block
@@ -155,6 +155,18 @@ class RingPipeline:
             "blocks": blocks,
             "embed": jax.tree.map(lambda x: put(x, self.mesh), frozen["embed"]),
             "final": jax.tree.map(lambda x: put(x, self.mesh), frozen.get("final", {})),
+        }
+
+    def placed_frozen_like(self, frozen: dict) -> dict:
+        """`place_frozen(frozen)` as shapes and shardings only: to compile a step before its
+        placement's weights move."""
+        stage, everywhere = NamedSharding(self.mesh, P(AXIS)), NamedSharding(self.mesh, P())
+        like = lambda x, sharding, rows=None: jax.ShapeDtypeStruct(  # noqa: E731
+            np.shape(x) if rows is None else (rows, *np.shape(x)[1:]), jnp.result_type(x), sharding=sharding)
+        return {
+            "blocks": jax.tree.map(lambda x: like(x, stage, len(self._pad)), frozen["blocks"]),
+            "embed": jax.tree.map(lambda x: like(x, everywhere), frozen["embed"]),
+            "final": jax.tree.map(lambda x: like(x, everywhere), frozen.get("final", {})),
         }
 
     def microbatch_size(self, batch_size: int) -> int:

@@ -103,6 +103,19 @@ class UnfreezeSchedule:
             return tuple(dict.fromkeys(d for _, d in self.points))
         return tuple(range(self.start, self.num_layers + 1))
 
+    def next_depth(self, step: int, end: int | None = None, history: Sequence[float] = ()) -> int | None:
+        """The depth the schedule moves to after `step` (at a step before `end`), or None; under
+        `plateau`, one block deeper, which comes only if the dev loss stalls."""
+        now, L = self.depth(step, history), self.num_layers
+        if self.kind == "points":
+            return next((d for s, d in self.points if step < s and d > now and (end is None or s < end)), None)
+        if self.kind == "every":
+            change = (step // self.interval + 1) * self.interval
+            return min(L, now + 1) if now < L and (end is None or change < end) else None
+        if self.kind == "plateau":
+            return now + 1 if now < L else None
+        return None
+
     def spec(self) -> str:
         if self.kind in ("all",):
             return "all"
