@@ -267,7 +267,7 @@ class Case:
     step_times: list  # [(wall, cpu, faults), ...]
 
     def run_step(self):
-        self.state, out = self.step(self.state, self.frozen, self.data)
+        self.state, out, _ = self.step(self.state, self.frozen, self.data)  # no stash: zero-filled each step, as "alloc" models
         return self.state, out  # wait for the updated state too, not only the loss
 
     def levels(self) -> dict:

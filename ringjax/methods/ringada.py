@@ -25,12 +25,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import jax
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ringjax.models.config import ModelConfig
 from ringjax.models.heads import HeadConfig, reads_first_token
 from ringjax.parallel.mesh import make_stage_mesh, put_tree, replicated
 from ringjax.parallel.placement import Placement, plan_stages
-from ringjax.parallel.ring import RingPipeline
+from ringjax.parallel.ring import AXIS, RingPipeline
 from ringjax.parallel.unfreeze import UnfreezeSchedule
 from ringjax.peft.config import PeftConfig
 from ringjax.peft.trainable import layer_mask, leaf_mask, merge, split
@@ -46,18 +47,23 @@ def local(x) -> np.ndarray:
 
 
 def make_ring_train_step(pipeline: RingPipeline, optimizer: optax.GradientTransformation, params_like: dict):
-    """A jitted (state, frozen, data) -> (state, {"loss"}) step: the single-device step's update
-    (`masked_apply` with the depth's layer mask) on the ring's loss and gradients."""
+    """A jitted (state, frozen, data, stash) -> (state, {"loss"}, stash) step: the single-device
+    step's update (`masked_apply` with the depth's layer mask) on the ring's loss and gradients.
+    The residual stash (`pipeline.new_stash`) is donated and comes back for the next step, so it
+    is not zero-filled and faulted in every step (MiniLM, 4 devices, all unfrozen: 0.671 s against
+    0.741 s at M = 8, 32 x 64); stash None: the step zero-fills its own and returns None."""
     factors = layer_mask(params_like, pipeline.spec, pipeline.depth, pipeline.cfg.num_layers)
 
-    def train_step(state: TrainState, frozen, data):
-        loss, grads = pipeline.loss_and_grads(state.trainable, frozen, data)
+    def train_step(state: TrainState, frozen, data, stash=None):
+        out = pipeline.loss_and_grads(state.trainable, frozen, data, stash)
+        loss, grads = out[:2]
         present = jax.tree.map(lambda x: x is not None, state.trainable, is_leaf=lambda x: x is None)
         trainable_factors, _ = split(factors, present)
         trainable, opt_state = masked_apply(optimizer, grads, state.opt_state, state.trainable, trainable_factors)
-        return TrainState(trainable, opt_state, state.step + 1), {"loss": loss}
+        return TrainState(trainable, opt_state, state.step + 1), {"loss": loss}, (out[2] if stash is not None else None)
 
-    return jax.jit(train_step, donate_argnums=0, out_shardings=replicated(pipeline.mesh),
+    everywhere = replicated(pipeline.mesh)
+    return jax.jit(train_step, donate_argnums=(0, 3), out_shardings=(everywhere, everywhere, NamedSharding(pipeline.mesh, P(AXIS))),
                    compiler_options=pipeline.compiler_options)
 
 
@@ -100,6 +106,8 @@ class RingAda:
         self.compile_ahead = compile_ahead and jax.process_count() == 1
         self._ahead: dict[tuple, Future] = {}  # (depth, batch shapes) -> its compile on the helper thread
         self._ran: set[tuple] = set()  # (depth, batch shapes) already run
+        self._stashes: dict[tuple, dict] = {}  # batch shapes -> the residual stash the last step returned
+        self._stash_depth: int | None = None  # the depth those stashes belong to
         self._helper: ThreadPoolExecutor | None = None
         self.end_step: int | None = None  # phases from this step on are not compiled ahead (`train` sets it)
 
@@ -145,7 +153,10 @@ class RingAda:
         ahead = self._ahead.pop((depth, shapes), None)
         if ahead is not None:
             ahead.exception()  # wait for it; had it failed, the call below compiles and says why
-        self.state, metrics = fn(self.state, self._frozen_for(pipe), data)
+        if self._stash_depth != depth:  # each phase carries its own stashes, one per batch shape
+            self._stashes, self._stash_depth = {}, depth
+        stash = self._stashes.pop(shapes, None) or pipe.new_stash(self.state.trainable, self.frozen, data)
+        self.state, metrics, self._stashes[shapes] = fn(self.state, self._frozen_for(pipe), data, stash)
         loss = float(local(metrics["loss"]))
         seconds = time.perf_counter() - start
         if (depth, shapes) not in self._ran:
@@ -163,7 +174,8 @@ class RingAda:
         pipe, fn = self._compiled(depth)
         like = lambda tree: jax.tree.map(  # noqa: E731
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding, weak_type=x.weak_type), tree)
-        args = (like(self.state), pipe.placed_frozen_like(self.frozen), like(data))
+        args = (like(self.state), pipe.placed_frozen_like(self.frozen), like(data),
+                pipe.stash_like(self.state.trainable, self.frozen, data))
         if self._helper is None:
             self._helper = ThreadPoolExecutor(1, thread_name_prefix="ringada-compile-ahead")
         self._ahead[(depth, shapes)] = self._helper.submit(lambda: fn.lower(*args).compile())

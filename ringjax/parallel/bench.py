@@ -136,21 +136,22 @@ def bench_ring(model: str = "minilm", devices: int = 4, microbatches: int = 8, b
         step = make_ring_train_step(pipe, optimizer, params)
         state = put_tree(state0, mesh)
         placed, data = pipe.place_frozen(frozen), pipe.shard_batch(host_batch)
-        compiled = step.lower(state, placed, data).compile()
+        stash = pipe.new_stash(trainable, frozen, data)
+        compiled = step.lower(state, placed, data, stash).compile()
         costs = action_flops(pipe, params, batch, seq)
-        runs.append(dict(depth=depth, pipe=pipe, compiled=compiled, state=state, frozen=placed, data=data,
+        runs.append(dict(depth=depth, pipe=pipe, compiled=compiled, state=state, frozen=placed, data=data, stash=stash,
                          costs=costs, flops=device_flops(pipe, costs, update_flops), peak=peak_bytes(compiled), times=[]))
 
     s_times = []
     for r in runs:  # warm up
-        r["state"], _ = jax.block_until_ready(r["compiled"](r["state"], r["frozen"], r["data"]))
+        r["state"], _, r["stash"] = jax.block_until_ready(r["compiled"](r["state"], r["frozen"], r["data"], r["stash"]))
     with AloneStep(model, peft, batch, seq) as alone:
         s_peak = alone.peak_bytes
         for _ in range(repeats):
             s_times.append(alone.seconds())
             for r in runs:
                 t = time.perf_counter()
-                r["state"], out = r["compiled"](r["state"], r["frozen"], r["data"])
+                r["state"], out, r["stash"] = r["compiled"](r["state"], r["frozen"], r["data"], r["stash"])
                 jax.block_until_ready(out)
                 r["times"].append(time.perf_counter() - t)
 

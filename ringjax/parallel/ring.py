@@ -389,30 +389,51 @@ class RingPipeline:
         return {name: self._train_blocks * n for name, n in _RESIDUAL_SIZES[key].items()}
 
     # ---- the step -----------------------------------------------------------------------
-    def loss_and_grads(self, trainable: dict, frozen: dict, data: dict):
-        """Mean loss over the global batch and gradients shaped like `trainable` (None holes kept).
+    def loss_and_grads(self, trainable: dict, frozen: dict, data: dict, stash: dict | None = None):
+        """Mean loss over the global batch and gradients shaped like `trainable` (None holes kept);
+        given a `stash` (`new_stash`), also the stash to pass to the next step.
 
         trainable: the single-device trainable tree (head + peft blocks); frozen: `place_frozen`'s
-        output; data: `shard_batch`'s output.
+        output; data: `shard_batch`'s output. Without a stash the step zero-fills a fresh one; a
+        stash carried from step to step (donated) is neither zeroed nor faulted in again, and what
+        the last step left in it is never read (each microbatch's rows are written before read).
         """
         peft_staged = self.stage_tree(trainable["peft"]["blocks"])
+        carried = stash is not None
         body = jax.shard_map(
             self._device_step,
             mesh=self.mesh,
-            in_specs=(P(AXIS), P(), P(), P(), P(AXIS), {k: P(AXIS) for k in data}),
-            out_specs=(P(), P(), P(AXIS)),
+            in_specs=(P(AXIS), P(), P(), P(), P(AXIS), {k: P(AXIS) for k in data}, {k: P(AXIS) for k in (stash or {})}),
+            out_specs=(P(), P(), P(AXIS), {k: P(AXIS) for k in (stash or {})}),
             check_vma=False,
         )
-        loss, g_head, g_peft = body(peft_staged, trainable["head"], frozen["embed"], frozen["final"], frozen["blocks"], data)
+        loss, g_head, g_peft, stash = body(peft_staged, trainable["head"], frozen["embed"], frozen["final"], frozen["blocks"],
+                                           data, stash if carried else {})
         grads = dict(trainable)
         grads["head"] = g_head
         grads["peft"] = {**trainable["peft"], "blocks": self.unstage_tree(g_peft)}
-        return loss, grads
+        return (loss, grads, stash) if carried else (loss, grads)
+
+    def stash_like(self, trainable: dict, frozen: dict, data: dict) -> dict:
+        """{dtype: (N * slots, n)} shapes, sharded by stage, of the residual stash a step on `data`
+        (`shard_batch`'s output) uses; `frozen` placed or not (only its blocks' row shapes count)."""
+        S = self.placement.max_size
+        local = lambda tree: jax.tree.map(  # noqa: E731
+            lambda x: jax.ShapeDtypeStruct((S, *np.shape(x)[1:]), jnp.result_type(x)), tree)
+        mb, seq = data["input_ids"].shape[1:3]
+        sizes = self.residual_sizes(local(frozen["blocks"]), local(trainable["peft"]["blocks"]), (mb, seq))
+        sharding = NamedSharding(self.mesh, P(AXIS))
+        return {k: jax.ShapeDtypeStruct((self.N * self.schedule.slots, n), jnp.dtype(k), sharding=sharding) for k, n in sizes.items()}
+
+    def new_stash(self, trainable: dict, frozen: dict, data: dict) -> dict:
+        """A zeroed stash for `loss_and_grads(..., stash)`, to carry from step to step."""
+        like = self.stash_like(trainable, frozen, data)
+        return {k: jax.jit(lambda x=x: jnp.zeros(x.shape, x.dtype), out_shardings=x.sharding)() for k, x in like.items()}
 
     def __call__(self, trainable, frozen, data):
         return self._step(trainable, frozen, data)
 
-    def _device_step(self, peft, head_p, embed_p, final_p, blocks, data):
+    def _device_step(self, peft, head_p, embed_p, final_p, blocks, data, stash_in):
         cfg, N, M, T = self.cfg, self.N, self.M, self.tables
         d = jax.lax.axis_index(AXIS)
         mb, seq = data["input_ids"].shape[1:3]
@@ -549,7 +570,7 @@ class RingPipeline:
         carry = (
             jnp.zeros((M + 1, *hshape), jnp.float32),
             jnp.zeros((M + 1, *hshape), jnp.float32),
-            {k: jnp.zeros((S, n), k) for k, n in sizes.items()},
+            stash_in if stash_in else {k: jnp.zeros((S, n), k) for k, n in sizes.items()},
             jnp.zeros(hshape, jnp.float32),
             (nothing, nothing),
             _zeros_like(peft),
@@ -557,5 +578,5 @@ class RingPipeline:
             jnp.zeros((), jnp.float32),
         )
         rows = {k: jnp.asarray(v) for k, v in T.items()}
-        (*_, g_peft, g_head, loss), _ = jax.lax.scan(tick, carry, rows)
-        return jax.lax.psum(loss, AXIS), jax.lax.psum(g_head, AXIS), g_peft
+        (_, _, stash, *_, g_peft, g_head, loss), _ = jax.lax.scan(tick, carry, rows)
+        return jax.lax.psum(loss, AXIS), jax.lax.psum(g_head, AXIS), g_peft, (stash if stash_in else {})
