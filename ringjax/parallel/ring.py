@@ -29,7 +29,8 @@ frozen stages and devices without head work cost no compute. Stages wholly below
 depth get no backward actions at all, and the depth is static: each depth compiles its own,
 shorter schedule, and its stash is sized by the training stages' residuals only (1F1B: at most
 `schedule.slots` microbatches in flight, not M). One SPMD program reserves the same buffers on
-every device; frozen devices never write theirs.
+every device; frozen devices never write theirs. A training loop hands the stash from step to step
+(`new_stash`, `loss_and_grads(..., stash)`, donated) rather than zero-filling a fresh one each step.
 
 Transfers happen at the end of a tick and land at the start of the next: `ppermute` to the
 next stage (activations) and to the previous stage (gradients); the last stage's output goes
