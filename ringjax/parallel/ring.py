@@ -429,7 +429,7 @@ class RingPipeline:
     def new_stash(self, trainable: dict, frozen: dict, data: dict) -> dict:
         """A zeroed stash for `loss_and_grads(..., stash)`, to carry from step to step."""
         like = self.stash_like(trainable, frozen, data)
-        return {k: jax.jit(lambda x=x: jnp.zeros(x.shape, x.dtype), out_shardings=x.sharding)() for k, x in like.items()}
+        return {k: jnp.zeros(x.shape, x.dtype, device=x.sharding) for k, x in like.items()}
 
     def __call__(self, trainable, frozen, data):
         return self._step(trainable, frozen, data)
