@@ -33,7 +33,7 @@ FLEET = yaml.safe_load(FLEET_FILE.read_text())  # also read by caff_timing.py
 METHODS = ("caff", "uniform-t", "fedlora", "fedavg-full")
 # settings a finished OUT/<method>.json must share with this invocation to be reused
 RUN_KEYS = ("model", "data_dir", "fleet", "clients", "per_round", "rounds", "local_steps", "batch_size", "max_length",
-            "alpha", "pooling", "lr", "lora_lr", "server_momentum", "server_lr", "server_ema", "logit_adjust", "eval_every", "seed", "max_train_examples", "max_eval_examples")
+            "alpha", "pooling", "lr", "lora_lr", "server_momentum", "server_lr", "server_ema", "logit_adjust", "sampling", "eval_every", "seed", "max_train_examples", "max_eval_examples")
 
 
 def main() -> None:
@@ -60,6 +60,8 @@ def main() -> None:
                         help="evaluate a moving average of the server models with this decay, every method (0: the latest)")
     parser.add_argument("--logit-adjust", type=float, default=0.0,
                         help="clients train on logits + TAU x log(their label prior), every method (0: plain cross-entropy)")
+    parser.add_argument("--sampling", choices=("eligible", "all"), default="eligible",
+                        help="eligible: each round draws among the clients that afford the method's job; all: draws among all, the rest sit out")
     parser.add_argument("--eval-every", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-train-examples", type=int, default=None, help="a seeded subset of the training set (short runs)")
@@ -120,6 +122,7 @@ def run_methods(args, out: Path, methods: list[str], settings: dict) -> None:
         num_clients=args.clients, per_round=args.per_round, rounds=args.rounds, local_steps=args.local_steps,
         batch_size=args.batch_size, max_length=args.max_length, alpha=args.alpha or None, seed=args.seed, lr=args.lr,
         lora_lr=args.lora_lr, eval_every=args.eval_every, server_momentum=args.server_momentum, server_lr=args.server_lr, server_ema=args.server_ema, logit_adjust=args.logit_adjust,
+        sampling=args.sampling,
     )
     costs = CostModel(model.config, model.head_config, config.workload)
     for name, c in costs.table():

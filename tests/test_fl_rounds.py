@@ -1,5 +1,7 @@
 """Vectorised clients equal sequential ones, compile once per shape; the federated loop and its methods."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from ringjax.errors import RingjaxError
 from ringjax.fl import (Budget, ClientBudgets, CostModel, FLConfig, FLModel, GroupRunner, LocalJob, chunk_sizes, local_optimizer,
                         make_local_round, plan_clients, run_federated, server_momentum, split_params, tree_bytes)
 from ringjax.fl.clients import client_example_rows, client_logits, client_loss, gather, label_log_prior
-from ringjax.fl.rounds import make_evaluator, run_round
+from ringjax.fl.rounds import make_evaluator, run_round, sample_clients
 from ringjax.methods.caff import slice_top_blocks, train_caff
 from ringjax.models.backbone import forward
 from ringjax.models.heads import HeadConfig, example_losses
@@ -218,6 +220,34 @@ def test_logit_adjustment_by_the_client_prior(params):
         trainable, frozen, local)
     for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(split_params(run.params, top1, CFG.num_layers)[0])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_all_sampling_draws_from_everyone_and_the_unaffordable_sit_out(params):
+    """"all": every method sees the same draw of per_round clients, and those that cannot afford
+    its job sit out; "eligible" fills the round from the clients that can."""
+    eligible = np.array([1, 4, 7])
+    for r in range(1, 20):
+        drawn = sample_clients(np.arange(10), 4, 0, r)  # everyone eligible: the draw itself
+        np.testing.assert_array_equal(sample_clients(np.arange(10), 4, 0, r, num_clients=10), drawn)
+        np.testing.assert_array_equal(sample_clients(eligible, 4, 0, r, num_clients=10), np.intersect1d(drawn, eligible))
+        assert len(sample_clients(eligible, 2, 0, r)) == 2
+    train, dev = synthetic(240, seed=3), synthetic(40, seed=4)
+    budgets = fleet().assign(10)
+    strong = [i for i in range(10) if budgets.tier_name(i) == "strong"]
+    cfg = FLConfig(num_clients=10, per_round=2, rounds=6, local_steps=E, batch_size=B, max_length=T, buckets=(T,), lr=1e-3,
+                   client_chunk=4, verify_memory=False, compiler_options=FAST_CFG, sampling="all", eval_every=6)
+    run = run_federated("fedavg-full", CFG, HEAD, params, train, budgets, cfg, dev, log=None)
+    counts = [r.participants for r in run.rounds]
+    assert counts == [len(sample_clients(np.array(strong), 2, 0, r, num_clients=10)) for r in range(1, 7)]
+    assert 0 in counts and max(counts) > 0  # this seed draws rounds with and without a strong client
+    for r in run.rounds:
+        assert set(r.clients) <= set(strong) and (r.train_loss is None) == (r.participants == 0) and (r.bytes_uploaded == 0) == (r.participants == 0)
+    idle = next(r.round for r in run.rounds if r.participants == 0)
+    upto = lambda rounds: run_federated("fedavg-full", CFG, HEAD, params, train, budgets, dataclasses.replace(cfg, rounds=rounds), log=None).params  # noqa: E731
+    # a round nobody took part in leaves the server model as it was
+    jax.tree.map(np.testing.assert_array_equal, upto(idle), upto(idle - 1) if idle > 1 else params)
+    with pytest.raises(RingjaxError, match="unknown sampling 'some'"):
+        FLConfig(sampling="some")
 
 
 def test_errors(params):

@@ -6,8 +6,11 @@
 - "fedavg-full": full fine-tuning, only clients whose budgets afford it;
 - "fedlora": LoRA in every block plus the head, only clients that afford it (its memory
   holds every block's activations, since gradients reach the lowest block).
-Clients that cannot take part are never sampled; each round samples `per_round` of the rest
-(seeded by (seed, round), so methods with the same eligible set see the same clients).
+Sampling (`FLConfig.sampling`), seeded by (seed, round): "eligible" draws `per_round` of the
+clients that can take part (those that cannot are never drawn, so every round has `per_round`
+participants); "all" draws `per_round` of all clients and those that cannot afford the method's
+job sit out that round, so every method sees the same draw and a baseline only a few clients
+afford trains on fewer clients per round (a round with none leaves the server model as it was).
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ from ringjax.peft.config import PeftConfig
 from ringjax.peft.modules import init_peft
 
 
+SAMPLING = ("eligible", "all")
+
+
 @dataclass(frozen=True)
 class FLConfig:
     num_clients: int = 100
@@ -78,6 +84,7 @@ class FLConfig:
     # softmax / FedLC calibration against label skew, `clients.label_log_prior`); 0: plain loss
     logit_adjust: float = 0.0
     client_chunk: int = 8  # clients per compiled group call (a multiple of the mesh size)
+    sampling: str = "eligible"  # eligible | all: whom each round draws from (module docstring)
     eval_every: int = 1
     eval_batch_size: int = 128
     verify_memory: bool = True  # compile each distinct job once and check measured peak bytes
@@ -94,6 +101,8 @@ class FLConfig:
             raise RingjaxError(f"server EMA decay must be in [0, 1) (0: evaluate the latest model), got {self.server_ema}")
         if self.logit_adjust < 0.0:
             raise RingjaxError(f"logit adjustment must be >= 0 (0: plain cross-entropy), got {self.logit_adjust}")
+        if self.sampling not in SAMPLING:
+            raise RingjaxError(f"unknown sampling {self.sampling!r}; choose one of {SAMPLING}")
         if self.per_round > self.num_clients:
             raise RingjaxError(f"cannot sample {self.per_round} clients per round from {self.num_clients}; lower --per-round")
         if self.max_length not in self.buckets:
@@ -112,7 +121,7 @@ class RoundMetrics:
     total_bytes_uploaded: int
     mean_depth: float  # trained blocks per participant (full and LoRA count every block)
     mean_depth_fraction: float  # the same over the model's block count
-    train_loss: float
+    train_loss: float | None  # None in a round nobody took part in ("all" sampling)
     dev_metric: float | None
     dev_loss: float | None
     train_seconds: float
@@ -237,9 +246,12 @@ def run_round(
     return agg.result(), losses
 
 
-def sample_clients(eligible: np.ndarray, per_round: int, seed: int, round_index: int) -> np.ndarray:
-    """`per_round` eligible clients (all of them when fewer), seeded by (seed, round)."""
+def sample_clients(eligible: np.ndarray, per_round: int, seed: int, round_index: int, num_clients: int | None = None) -> np.ndarray:
+    """The round's participants, seeded by (seed, round): `per_round` eligible clients (all of them
+    when fewer); with `num_clients` ("all" sampling), the eligible among `per_round` drawn from all."""
     rng = np.random.default_rng((seed, round_index))
+    if num_clients is not None:
+        return np.intersect1d(rng.choice(num_clients, per_round, replace=False), eligible)
     return np.sort(rng.choice(eligible, min(per_round, len(eligible)), replace=False))
 
 
@@ -304,7 +316,7 @@ def run_federated(
     server, velocity, served = params, None, params  # served: the model evaluated and returned
     for r in range(1, config.rounds + 1):
         start = time.perf_counter()
-        chosen = sample_clients(eligible, config.per_round, config.seed, r)
+        chosen = sample_clients(eligible, config.per_round, config.seed, r, config.num_clients if config.sampling == "all" else None)
         averaged, losses = run_round(server, chosen, plan, runner, train, parts, config, r)
         if config.server_momentum or config.server_lr != 1.0:
             server, velocity = server_momentum(server, averaged, velocity, config.server_momentum, config.server_lr)
@@ -315,7 +327,7 @@ def run_federated(
         train_seconds = time.perf_counter() - start
         round_bytes = int(sum(upload_of[plan.jobs[c]] for c in chosen))
         total_bytes += round_bytes
-        depths = np.array([plan.jobs[c].depth for c in chosen], float)
+        depths = np.array([plan.jobs[c].depth for c in chosen] or [0], float)
         metric = dev_loss = None
         eval_seconds = 0.0
         if evaluate is not None and (r % config.eval_every == 0 or r == config.rounds):
@@ -323,13 +335,14 @@ def run_federated(
             scores, dev_loss = evaluate(served, dev)
             metric = scores[metric_name]
             eval_seconds = time.perf_counter() - t0
-        m = RoundMetrics(r, len(chosen), round_bytes, total_bytes, float(depths.mean()), float(depths.mean() / L), float(np.mean(losses)), metric, dev_loss, train_seconds, eval_seconds,
+        m = RoundMetrics(r, len(chosen), round_bytes, total_bytes, float(depths.mean()), float(depths.mean() / L), float(np.mean(losses)) if losses else None, metric, dev_loss, train_seconds, eval_seconds,
                          [int(c) for c in chosen])
         history.append(m)
         if on_round is not None:
             on_round(m, plan)
         say(
-            f"[{method}] round {r}: {len(chosen)} clients, depth {m.mean_depth:.2f}, loss {m.train_loss:.4f}"
+            f"[{method}] round {r}: {len(chosen)} clients, depth {m.mean_depth:.2f}"
+            + (f", loss {m.train_loss:.4f}" if m.train_loss is not None else " (the server model is unchanged)")
             + (f", dev {metric_name} {metric:.4f}" if metric is not None else "")
             + f", uploaded {round_bytes / 1e6:.1f} MB ({total_bytes / 1e6:.1f} MB total), {train_seconds:.1f}+{eval_seconds:.1f} s"
         )

@@ -186,6 +186,7 @@ def train_federated(c) -> dict:
         lr=c.learning_rate, lora_lr=c.learning_rate, weight_decay=c.weight_decay,
         client_chunk=c.devices * -(-8 // c.devices), eval_every=c.eval_every or 1,
         server_momentum=c.server_momentum, server_lr=c.server_lr, server_ema=c.server_ema, logit_adjust=c.logit_adjust,
+        sampling=c.sampling,
     )
     budgets = load_fleet(c.fleet).assign(fl.num_clients, fl.seed)
 
@@ -204,7 +205,8 @@ def train_federated(c) -> dict:
     def on_round(r, plan):
         records.write({**dataclasses.asdict(r), "dev_metric_name": metric_name, "excluded": plan.excluded})
         bar.update(1)
-        bar.set_postfix(loss=f"{r.train_loss:.4f}", **({metric_name: f"{r.dev_metric:.4f}"} if r.dev_metric is not None else {}))
+        bar.set_postfix(**({"loss": f"{r.train_loss:.4f}"} if r.train_loss is not None else {}),
+                        **({metric_name: f"{r.dev_metric:.4f}"} if r.dev_metric is not None else {}))
 
     began = time.perf_counter()
     params = m.tree()
@@ -228,7 +230,7 @@ def train_federated(c) -> dict:
     return write_summary(run, {
         "method": method, "task": c.task, "model": c.model, "dev_metric": dev[metric_name], "dev_metric_name": metric_name,
         "dev": dev, "train_seconds": train_seconds, "rounds": fl.rounds, "clients": fl.num_clients,
-        "per_round": fl.per_round, "local_steps": fl.local_steps, "alpha": fl.alpha,
+        "per_round": fl.per_round, "sampling": fl.sampling, "local_steps": fl.local_steps, "alpha": fl.alpha,
         "total_bytes_uploaded": last.total_bytes_uploaded, "excluded": fed.plan.excluded,
         "participating": len(fed.plan.eligible), "plan": fed.plan.summary(), "tier_depths": tier_depths(fed, budgets),
         "mean_depth": float(np.mean([r.mean_depth for r in fed.rounds])),

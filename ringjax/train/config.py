@@ -78,6 +78,7 @@ class TrainConfig:
     server_lr: float = 1.0  # federated: the server's step along each round's averaged change (1: plain averaging)
     server_ema: float = 0.0  # federated: evaluate / keep a moving average of the server models with this decay (0: the latest)
     logit_adjust: float = 0.0  # federated classification: clients add this x log(their label prior) to the logits (0: plain loss)
+    sampling: str = "eligible"  # federated: eligible (draw among the clients that afford the job) | all (the rest sit out)
     candidates: str | None = None  # CAFF: block counts of top-k model variants to choose among, e.g. 6,3
 
     @property
