@@ -98,6 +98,8 @@ def reusable(path: Path, settings: dict) -> bool:
     if not path.exists():
         return False
     saved = json.loads(path.read_text()).get("settings")
+    if saved is not None:
+        saved.setdefault("sampling", "eligible")  # runs saved before --sampling existed drew among the eligible
     if saved != settings:
         print(f"{path}: settings differ from this run's; running again")
         return False
@@ -185,12 +187,15 @@ def plot(curves: dict, path: str) -> None:
         bytes_ax.plot([b / 1e9 for b in c["cumulative_bytes_uploaded"]], acc, marker="o", ms=3, label=method)
     acc_ax.set_xlabel("round")
     acc_ax.set_ylabel("SST-2 dev accuracy (%)")
-    acc_ax.set_title(f"{Path(str(s.get('model', '?'))).name}, {s.get('clients', '?')} clients, {s.get('per_round', '?')} per round, "
-                     f"Dirichlet {s.get('alpha', '?')}"
-                     + (f", server momentum {s['server_momentum']}" if s.get("server_momentum") else "")
-                     + (f", server lr {s['server_lr']}" if s.get("server_lr", 1.0) != 1.0 else "")
-                     + (f", logit adjust {s['logit_adjust']}" if s.get("logit_adjust") else "")
-                     + (f", server EMA {s['server_ema']}" if s.get("server_ema") else ""), fontsize=10)
+    drawn = " drawn (the rest sit out)" if s.get("sampling") == "all" else ""
+    first = (f"{Path(str(s.get('model', '?'))).name}, {s.get('clients', '?')} clients, {s.get('per_round', '?')}{drawn} per round, "
+             f"Dirichlet {s.get('alpha', '?')}")
+    options = [f"{s['pooling']} pooling" if s.get("pooling") else "",
+               f"server momentum {s['server_momentum']}" if s.get("server_momentum") else "",
+               f"server lr {s['server_lr']}" if s.get("server_lr", 1.0) != 1.0 else "",
+               f"logit adjust {s['logit_adjust']}" if s.get("logit_adjust") else "",
+               f"server EMA {s['server_ema']}" if s.get("server_ema") else ""]
+    acc_ax.set_title("\n".join(filter(None, [first, ", ".join(filter(None, options))])), fontsize=10)
     acc_ax.grid(alpha=0.3)
     acc_ax.legend(fontsize=8)
     bytes_ax.set_xlabel("cumulative upload (GB)")
