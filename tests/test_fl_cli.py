@@ -95,6 +95,7 @@ def _err(capsys, argv):
         (["--steps", "3"], "not --steps"),
         (["--rounds", "0"], "--rounds must be at least 1"),
         (["--candidates", "2", "--method", "uniform-t"], "--candidates is CAFF's"),
+        (["--sampling", "some"], "unknown sampling 'some'"),
     ],
 )
 def test_federated_bad_input_is_one_line(capsys, tmp_path, tiny_bert_dir, extra, needle):
